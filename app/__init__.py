@@ -1,0 +1,1 @@
+"""The mmserve service: settings, the litestar app, the CLI."""

@@ -1,0 +1,140 @@
+"""`mmserve`: serve, caption, ask, train-demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from app.settings import BUNDLED_MODEL, Settings
+
+SAMPLE_REQUEST = Path(__file__).resolve().parent.parent / "demo" / "samples" / "caption_request.json"
+
+
+def _fail(message: str) -> int:
+    print(f"mmserve: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _load_runtime(model: Path):
+    from app.runtime import ModelRuntime
+    from llm.checkpoint import ModelDirError
+
+    try:
+        return ModelRuntime.from_dir(model)
+    except ModelDirError as e:
+        raise SystemExit(_fail(str(e))) from None
+
+
+def _read_image(path: str, settings: Settings):
+    from vision.intake import ImageError, load_image
+
+    try:
+        return load_image(Path(path).read_bytes(), settings.intake_limits), None
+    except FileNotFoundError:
+        return None, f"{path}: no such file"
+    except IsADirectoryError:
+        return None, f"{path}: is a directory"
+    except ImageError as e:
+        return None, f"{path}: {e}"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.server import create_app
+
+    settings = Settings.from_env(host=args.host, port=args.port, model=args.model)
+    runtime = _load_runtime(settings.model)
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"mmserve: serving {runtime.name!r} at {url}", flush=True)
+    if SAMPLE_REQUEST.is_file():
+        print("Caption the sample image (a ready-to-paste command):\n"
+              f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d @{SAMPLE_REQUEST}",
+              flush=True)
+    uvicorn.run(create_app(settings, runtime), host=settings.host, port=settings.port, log_level="warning")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(model=args.model)
+    runtime = _load_runtime(settings.model)
+    failed = 0
+    for path in args.images:
+        image, error = _read_image(path, settings)
+        if error:
+            failed += 1
+            print(f"mmserve: error: {error}", file=sys.stderr)
+            continue
+        text = runtime.caption([image])[0]
+        print(json.dumps({"image": path, "caption": text}) if args.json else f"{path}: {text}", flush=True)
+    return 1 if failed else 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from llm.chat_format import Turn
+
+    settings = Settings.from_env(model=args.model)
+    runtime = _load_runtime(settings.model)
+    image, error = _read_image(args.image, settings)
+    if error:
+        return _fail(error)
+    try:
+        answer = runtime.answer(image, [Turn(args.question)]).text
+    except ValueError as e:
+        return _fail(str(e))
+    print(json.dumps({"image": args.image, "question": args.question, "answer": answer}) if args.json else answer)
+    return 0
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from demo.train import TrainCfg, train
+
+    result = train(TrainCfg(out=Path(args.out), steps=args.steps, seed=args.seed))
+    print(f"mmserve: trained in {result['minutes']:.1f} min; checkpoint in {result['out']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmserve", description="Multimodal (image + text) inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = f"model directory (default: $MMSERVE_MODEL or the bundled demo model, {BUNDLED_MODEL})"
+
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    serve.add_argument("--model", default=None, help=model_help)
+    serve.set_defaults(func=cmd_serve)
+
+    caption = sub.add_parser("caption", help="caption image files")
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption.add_argument("--json", action="store_true", help='one {"image", "caption"} object per line')
+    caption.add_argument("--model", default=None, help=model_help)
+    caption.set_defaults(func=cmd_caption)
+
+    ask = sub.add_parser("ask", help="ask a question about an image")
+    ask.add_argument("image", metavar="IMAGE")
+    ask.add_argument("question", metavar="QUESTION")
+    ask.add_argument("--json", action="store_true", help='print {"image", "question", "answer"}')
+    ask.add_argument("--model", default=None, help=model_help)
+    ask.set_defaults(func=cmd_ask)
+
+    train = sub.add_parser("train-demo", help="train the bundled demo model (about 50 minutes on 2 cores)")
+    train.add_argument("--out", default=str(BUNDLED_MODEL))
+    train.add_argument("--steps", type=int, default=6000)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # settings from the environment
+        return _fail(str(e))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from litestar import Controller, post
+
+from app.chat import ChatService
+from app.schemas import ChatCompletion, ChatCompletionRequest
+
+
+class ChatController(Controller):
+    path = "/v1/chat/completions"
+    tags = ["chat"]
+
+    @post(status_code=200, summary="Create a chat completion over an image")
+    async def create(self, data: ChatCompletionRequest, chat: ChatService) -> ChatCompletion:
+        return await chat.complete(data)

@@ -1,0 +1,1 @@
+"""The synthetic shapes world (../shared/DEMO_WORLD.md) and the training of the bundled demo model."""

@@ -1,0 +1,1 @@
+"""The decoder side: tokenizers, prompt formats, the cross-attention decoder and generation."""
