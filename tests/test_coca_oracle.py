@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import open_clip
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from llm.coca import decoder_from_open_clip
 from llm.generate import GenerationParams, generate_greedy
 from tests.oracle import open_clip_greedy
+from vision.preprocess import preprocess
 
 SMALL_COCA = {
     "embed_dim": 64,
@@ -103,3 +106,50 @@ def test_ragged_prompts_in_one_batch_match_one_by_one(small_coca):
     ours = generate_greedy(decoder, image_embs, prompts, GenerationParams(12, stop_ids=(eos,)))
     for i, prompt in enumerate(prompts):
         assert ours[i] == reference_new_tokens(small_coca, images[i:i + 1], prompt, eos, len(prompt) + 13, 0)
+
+
+# --- the bundled demo checkpoint -------------------------------------------------------------------
+
+def test_demo_checkpoint_logits_and_greedy_match_open_clip(demo_runtime):
+    from demo import world
+    from llm.chat_format import CAPTION_QUESTION, Turn
+
+    model = demo_runtime.loaded.model
+    rng = random.Random(3)
+    images = [world.render(world.sample_scene(rng)) for _ in range(6)]
+    pixels = preprocess(images, demo_runtime.encoder.preprocess_cfg)
+    prompt = demo_runtime.prompt_ids([Turn(CAPTION_QUESTION)])
+    eos = demo_runtime.tokenizer.eot_id
+    with torch.inference_mode():
+        _, image_embs = model._encode_image(pixels)
+    decoder = demo_runtime.decoder
+
+    text = torch.tensor([prompt + [5, 6, 7, 8]] * len(images))
+    with torch.inference_mode():
+        ref = model(pixels, text, output_labels=False)["logits"]
+    assert rel_err(our_logits(decoder, image_embs, text), ref) <= 1e-4
+
+    ours = generate_greedy(decoder, image_embs, [prompt] * len(images), generate_settings(prompt, eos))
+    for i in range(len(images)):
+        assert ours[i] == reference_new_tokens(model, pixels[i:i + 1], prompt, eos), i
+
+
+# --- a random-weight coca_ViT-B-32 (254M parameters), built by open_clip ----------------------------
+
+def test_coca_vit_b32_logits_and_greedy_match_open_clip():
+    torch.manual_seed(0)
+    model = open_clip.create_model("coca_ViT-B-32", pretrained=None).eval()
+    cfg = open_clip.get_model_config("coca_ViT-B-32")
+    decoder = decoder_from_open_clip(cfg, model.state_dict())
+    images = torch.randn(2, 3, 224, 224)
+    sot, eot = 49406, 49407
+    text = torch.cat([torch.full((2, 1), sot), torch.randint(1, 49000, (2, 11))], dim=1)
+    with torch.inference_mode():
+        ref = model(images, text, output_labels=False)["logits"]
+        _, image_embs = model._encode_image(images)
+    assert rel_err(our_logits(decoder, image_embs, text), ref) <= 1e-4
+
+    prompt = [sot]
+    ours = generate_greedy(decoder, image_embs, [prompt] * 2, generate_settings(prompt, eot, seq_len=20))
+    for i in range(2):
+        assert ours[i] == reference_new_tokens(model, images[i:i + 1], prompt, eot, seq_len=20), i

@@ -74,10 +74,11 @@ def _check_size(n_bytes: int, limits: IntakeLimits) -> None:
 
 
 def decode_base64(text: str, limits: IntakeLimits) -> bytes:
-    # base64 is 4/3 of the raw size: refuse an oversized payload before decoding it
-    _check_size(len(text) * 3 // 4, limits)
+    text = text.strip()
+    # base64 is 4/3 of the raw size, less the '=' padding: refuse an oversized payload before decoding it
+    _check_size(len(text) * 3 // 4 - text[-2:].count("="), limits)
     try:
-        return base64.b64decode(text.strip(), validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise BadImageEncoding(f"the image is not valid base64: {e}") from None
 
@@ -107,8 +108,9 @@ def open_image(data: bytes, limits: IntakeLimits) -> Image.Image:
     except UnidentifiedImageError:
         raise UnsupportedImageFormat(
             f"the bytes are not an image in an accepted format ({', '.join(limits.formats)})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLarge("the image has too many pixels") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's own guard fired first (its message names the pixel count)
+        raise ImageTooLarge(f"the image has too many pixels: {e}; the limit is {limits.max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise CorruptImage(f"the image could not be read: {e}") from None
     width, height = image.size
@@ -138,8 +140,8 @@ def load_image(source: str | bytes, limits: IntakeLimits) -> Image.Image:
     """bytes, a `data:` URL or bare base64 -> RGB image."""
     if isinstance(source, (bytes, bytearray)):
         return open_image(bytes(source), limits)
-    if source.startswith("data:"):
+    if source[:5].lower() == "data:":
         return open_image(bytes_from_data_url(source, limits), limits)
-    if source.startswith(("http://", "https://", "file:")):
+    if source[:8].lower().startswith(("http://", "https://", "file:")):
         raise UnsupportedImageFormat("remote image URLs are disabled; send the image as a data: URL")
     return open_image(decode_base64(source, limits), limits)

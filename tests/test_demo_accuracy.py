@@ -1,0 +1,88 @@
+"""The bundled demo model against DEMO_WORLD.md's targets, on 200 images of an independent renderer
+(tests/independent_world.py: numpy rasterisation, 4x supersampling, its own placement code)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llm.chat_format import CAPTION_QUESTION, Turn
+from tests import independent_world as iw
+
+N_IMAGES = 200
+
+
+@pytest.fixture(scope="module")
+def eval_set(demo_runtime):
+    items = iw.make_eval_set(N_IMAGES, seed=2026)
+    features = demo_runtime.encode_images([image for image, _ in items])
+    return [(scene, feats) for (_, scene), feats in zip(items, features)]
+
+
+def answer_all(runtime, features, conversations, batch=256):
+    answers = []
+    for start in range(0, len(conversations), batch):
+        chunk = conversations[start:start + batch]
+        prompts = [runtime.prompt_ids(turns) for turns in chunk]
+        answers += [c.text for c in runtime.complete(features[start:start + batch], prompts)]
+    return answers
+
+
+def test_caption_exact_match(demo_runtime, eval_set):
+    feats = [f for _, f in eval_set]
+    captions = answer_all(demo_runtime, feats, [[Turn(CAPTION_QUESTION)]] * len(eval_set))
+    expected = [iw.caption(scene) for scene, _ in eval_set]
+    accuracy = sum(c == e for c, e in zip(captions, expected)) / len(expected)
+    print(f"caption exact match: {accuracy:.3f}")
+    assert accuracy >= 0.90
+
+
+def test_question_answers_exact_match(demo_runtime, eval_set):
+    feats, convs, expected = [], [], []
+    for scene, f in eval_set:
+        for question, answer in iw.questions(scene):
+            if question != CAPTION_QUESTION:
+                feats.append(f)
+                convs.append([Turn(question)])
+                expected.append(answer)
+    answers = answer_all(demo_runtime, feats, convs)
+    accuracy = sum(a == e for a, e in zip(answers, expected)) / len(expected)
+    print(f"answers exact match: {accuracy:.3f} over {len(expected)} questions")
+    assert accuracy >= 0.95
+
+
+def test_zero_shot_top1(demo_runtime, eval_set):
+    latents = demo_runtime.label_latents(list(iw.LABELS))
+    correct = total = 0
+    for scene, f in eval_set:
+        label = iw.zero_shot_label(scene)
+        if label is None:
+            continue
+        image = torch.nn.functional.normalize(f.pooled, dim=-1)
+        correct += iw.LABELS[int((latents @ image).argmax())] == label
+        total += 1
+    print(f"zero-shot top-1: {correct / total:.3f} over {total} images")
+    assert total >= 100 and correct / total >= 0.95
+
+
+def test_three_turn_conversations_answer_each_turn(demo_runtime, eval_set):
+    """Each answer depends only on the image and the last question, whatever came before."""
+    rng = random.Random(7)
+    feats, histories, expected = [], [], []
+    for scene, f in eval_set[:100]:
+        pairs = rng.sample(iw.questions(scene), 3)
+        feats.append(f)
+        histories.append(pairs)
+        expected.append([a for _, a in pairs])
+    answers: list[list[str]] = [[] for _ in histories]
+    for turn in range(3):
+        convs = [[Turn(q, a) for (q, _), a in zip(h[:turn], answers[i])] + [Turn(h[turn][0])]
+                 for i, h in enumerate(histories)]
+        for i, a in enumerate(answer_all(demo_runtime, feats, convs)):
+            answers[i].append(a)
+    per_turn = [sum(answers[i][t] == expected[i][t] for i in range(len(histories))) / len(histories)
+                for t in range(3)]
+    print(f"multi-turn accuracy per turn: {per_turn}")
+    assert min(per_turn) >= 0.9
