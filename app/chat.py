@@ -120,10 +120,11 @@ class ChatService:
             prompt = self.runtime.prompt_ids(turns)
         except ValueError as e:
             raise _bad(str(e), "messages", "unsupported_prompt") from None
-        max_tokens = req.max_completion_tokens or req.max_tokens or self.settings.default_max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        if (req.max_completion_tokens or req.max_tokens or 1) < 1:
-            raise _bad(f"{param} must be at least 1", param)
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if requested is not None and requested < 1:
+            raise _bad(f"{param} must be at least 1, got {requested}", param)
+        max_tokens = requested if requested is not None else self.settings.default_max_tokens
         context = self.runtime.context_length
         if len(prompt) + max_tokens > context:
             raise _bad(f"This model's maximum context length is {context} tokens. However, you requested "

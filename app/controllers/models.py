@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from litestar import Controller, get
+from litestar.di import NamedDependency
 
 from app.runtime import ModelRuntime
 from app.schemas import ModelCard, ModelList
@@ -11,5 +12,6 @@ class ModelsController(Controller):
     tags = ["models"]
 
     @get(summary="The models this server serves")
-    async def list_models(self, runtime: ModelRuntime, started_at: int) -> ModelList:
+    async def list_models(self, runtime: NamedDependency[ModelRuntime],
+                          started_at: NamedDependency[int]) -> ModelList:
         return ModelList([ModelCard(runtime.name, started_at)])

@@ -1,0 +1,144 @@
+"""The chat API through the real app (litestar's test client), on the bundled demo model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from litestar.testing import TestClient
+
+from app.server import create_app
+from app.settings import Settings
+from demo import world
+from tests.conftest import data_url
+from tests.independent_world import Obj, Scene, render
+
+# a scene from the independent renderer: caption "a large green triangle above a small yellow circle"
+SCENE = Scene("gray", [Obj("triangle", "green", "large", 60.0, 34.0, 48), Obj("circle", "yellow", "small", 64.0, 100.0, 20)])
+URL = data_url(render(SCENE))
+
+
+@pytest.fixture(scope="module")
+def client(demo_runtime):
+    settings = Settings(max_body_bytes=2_000_000, max_image_pixels=1_000_000)
+    with TestClient(create_app(settings, demo_runtime)) as c:
+        yield c
+
+
+def chat(client, messages, **extra):
+    return client.post("/v1/chat/completions", json={"model": "mmserve-demo", "messages": messages, **extra})
+
+
+def user(text=None, url=URL):
+    parts = [{"type": "image_url", "image_url": {"url": url}}] if url else []
+    return {"role": "user", "content": parts + ([{"type": "text", "text": text}] if text else [])}
+
+
+def test_caption_in_openai_shape(client):
+    r = chat(client, [user("describe the image.")])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "mmserve-demo"
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "a large green triangle above a small yellow circle"}
+    assert choice["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] > 5
+
+
+def test_image_without_text_is_a_caption_request(client):
+    r = chat(client, [user()])
+    assert r.json()["choices"][0]["message"]["content"] == "a large green triangle above a small yellow circle"
+
+
+def test_multi_turn_conversation(client):
+    messages = [user("how many objects are there?")]
+    answers = []
+    for question, expected in [(None, "two"), ("what color is the circle?", "yellow"),
+                               ("what shape is the green object?", "triangle")]:
+        if question:
+            messages += [{"role": "assistant", "content": answers[-1]}, {"role": "user", "content": question}]
+        r = chat(client, messages)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["message"]["content"])
+        assert answers[-1] == expected
+
+
+def test_stop_string_truncates(client):
+    r = chat(client, [user("describe the image.")], stop=[" above"])
+    assert r.json()["choices"][0]["message"]["content"] == "a large green triangle"
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_max_tokens_gives_finish_reason_length(client):
+    r = chat(client, [user("describe the image.")], max_tokens=2)
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == "a large" and choice["finish_reason"] == "length"
+
+
+BAD = [
+    ("malformed json", b"{not json", 400, "malformed"),
+    ("no messages", {"messages": []}, 400, "messages must not be empty"),
+    ("bad role", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ("no image", {"messages": [{"role": "user", "content": "hello"}]}, 400, "no image"),
+    ("unknown model", {"model": "gpt-9", "messages": [user()]}, 404, "gpt-9"),
+    ("n > 1", {"messages": [user()], "n": 2}, 400, "n > 1"),
+    ("tools", {"messages": [user()], "tools": [{"type": "function"}]}, 400, "tools"),
+    ("temperature", {"messages": [user()], "temperature": 0.7}, 400, "temperature"),
+    ("stream", {"messages": [user()], "stream": True}, 400, "stream"),
+    ("max_tokens 0", {"messages": [user()], "max_tokens": 0}, 400, "max_tokens must be at least 1"),
+    ("negative max_tokens", {"messages": [user()], "max_tokens": -5}, 400, "max_tokens must be at least 1"),
+    ("over context", {"messages": [user()], "max_tokens": 500}, 400, "maximum context length is 64 tokens"),
+    ("two images", {"messages": [{"role": "user", "content": [user()["content"][0]] * 2}]}, 400, "at most 1"),
+    ("not an image", {"messages": [user(url="data:image/png;base64,aGVsbG8gd29ybGQ=")]}, 400, "not an image"),
+    ("empty image", {"messages": [user(url="data:image/png;base64,")]}, 400, "empty"),
+    ("bad base64", {"messages": [user(url="data:image/png;base64,!!!")]}, 400, "base64"),
+    ("remote url", {"messages": [user(url="http://169.254.169.254/latest")]}, 400, "remote image URLs are disabled"),
+    ("text mime", {"messages": [user(url="data:text/plain;base64,aGk=")]}, 400, "not an image"),
+    ("last message from assistant", {"messages": [user(), {"role": "assistant", "content": "x"}]}, 400, "last message"),
+    ("assistant first", {"messages": [{"role": "assistant", "content": "x"}, user()]}, 400, "must follow"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_openai_error_and_server_keeps_serving(client, name, body, status, needle):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = client.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle.lower() in error["message"].lower(), error
+    assert chat(client, [user("how many objects are there?")]).json()["choices"][0]["message"]["content"] == "two"
+
+
+def test_context_error_names_both_numbers(client):
+    r = chat(client, [user()], max_tokens=500)
+    message = r.json()["error"]["message"]
+    assert "64" in message and "500" in message
+
+
+def test_pixel_cap_and_body_cap(client):
+    from PIL import Image
+
+    big = data_url(Image.new("RGB", (1200, 1000), (0, 0, 0)))  # 1.2 Mpx > the 1 Mpx cap set above
+    r = chat(client, [user(url=big)])
+    assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large"
+    r = client.post("/v1/chat/completions", content=b"x" * 2_100_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_models_health_and_openapi(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "mmserve-demo"
+    schema = client.get("/schema/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"]
+    r = client.get("/v2/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_own_renderer_sample_matches_its_caption(client):
+    from demo.samples.make_samples import SAMPLE_SCENE
+
+    r = chat(client, [user(url=data_url(world.render(SAMPLE_SCENE)))])
+    assert r.json()["choices"][0]["message"]["content"] == world.caption(SAMPLE_SCENE)
