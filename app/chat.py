@@ -124,8 +124,10 @@ class ChatService:
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if requested is not None and requested < 1:
             raise _bad(f"{param} must be at least 1, got {requested}", param)
-        max_tokens = requested if requested is not None else self.settings.default_max_tokens
         context = self.runtime.context_length
+        # With no explicit limit, a long conversation gets what room is left (as vLLM does), not a 400.
+        max_tokens = requested if requested is not None else max(
+            1, min(self.settings.default_max_tokens, context - len(prompt)))
         if len(prompt) + max_tokens > context:
             raise _bad(f"This model's maximum context length is {context} tokens. However, you requested "
                        f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, {max_tokens} in the "

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train-demo", help="train the bundled demo model (about 50 minutes on 2 cores)")
     train.add_argument("--out", default=str(BUNDLED_MODEL))
-    train.add_argument("--steps", type=int, default=5000)
+    train.add_argument("--steps", type=int, default=6000)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_train_demo)
     return parser

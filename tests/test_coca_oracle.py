@@ -139,6 +139,8 @@ def test_demo_checkpoint_logits_and_greedy_match_open_clip(demo_runtime):
 def test_coca_vit_b32_logits_and_greedy_match_open_clip():
     torch.manual_seed(0)
     model = open_clip.create_model("coca_ViT-B-32", pretrained=None).eval()
+    with torch.no_grad():  # open_clip leaves the decoder's output projection uninitialised (zeros here)
+        model.text_decoder.text_projection.normal_(0, 512 ** -0.5)
     cfg = open_clip.get_model_config("coca_ViT-B-32")
     decoder = decoder_from_open_clip(cfg, model.state_dict())
     images = torch.randn(2, 3, 224, 224)

@@ -75,7 +75,7 @@ def test_openai_client_chat_and_three_turns(server):
                                              {"type": "text", "text": "describe the image."}]}]
     reply = client.chat.completions.create(model="mmserve-demo", messages=messages)
     assert reply.choices[0].message.content == iw.caption(scene) == "a large blue circle left of a small red triangle"
-    for question, expected in [("what color is the triangle?", "red"), ("is there a square?", "no")]:
+    for question, expected in [("what shape is the red object?", "triangle"), ("is there a square?", "no")]:
         messages += [{"role": "assistant", "content": reply.choices[0].message.content},
                      {"role": "user", "content": question}]
         reply = client.chat.completions.create(model="mmserve-demo", messages=messages)

@@ -54,7 +54,7 @@ def test_image_without_text_is_a_caption_request(client):
 def test_multi_turn_conversation(client):
     messages = [user("how many objects are there?")]
     answers = []
-    for question, expected in [(None, "two"), ("what color is the circle?", "yellow"),
+    for question, expected in [(None, "two"), ("what shape is the yellow object?", "circle"),
                                ("what shape is the green object?", "triangle")]:
         if question:
             messages += [{"role": "assistant", "content": answers[-1]}, {"role": "user", "content": question}]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-import independent_world as iw
-from independent_world import Obj, Scene
+from tests import independent_world as iw
+from tests.independent_world import Obj, Scene
 
 
 def two_object_scene(b_cx: float, b_cy: float) -> Scene:
