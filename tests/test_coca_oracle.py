@@ -34,15 +34,19 @@ def our_logits(decoder, image_embs, text):
         return decoder(text, positions, decoder.new_cache(b), decoder.cross_kv(image_embs))
 
 
-@pytest.fixture(scope="module")
-def small_coca():
-    torch.manual_seed(0)
+def random_small_coca(seed: int = 0) -> open_clip.CoCa:
+    torch.manual_seed(seed)
     model = open_clip.CoCa(**SMALL_COCA).eval()
     # open_clip leaves some parameters at their zero init; randomise everything so no path hides.
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
     return model
+
+
+@pytest.fixture(scope="module")
+def small_coca():
+    return random_small_coca()
 
 
 def test_small_coca_logits_match_open_clip(small_coca):

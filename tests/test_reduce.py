@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 
 from llm.coca import decoder_from_open_clip
 from llm.generate import GenerationParams, generate_greedy
-from tests.test_coca_oracle import SMALL_COCA
+from tests.test_coca_oracle import SMALL_COCA, random_small_coca
 from vision.reduce import ReductionSpec, keep_salient, pool_grid, reduce, tome_merge
 
 RATIOS = (1.0, 0.5, 0.25, 0.125)
@@ -195,11 +194,7 @@ def test_any_spec_gives_the_resolved_count_of_finite_tokens(h, w, d, batch, meth
 # --- the decoder takes any number of visual tokens -----------------------------------------------
 
 def test_coca_decoder_generates_from_16_7_and_1_visual_tokens():
-    torch.manual_seed(0)
-    model = open_clip.CoCa(**SMALL_COCA).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
+    model = random_small_coca()
     decoder = decoder_from_open_clip(SMALL_COCA, model.state_dict())
     with torch.inference_mode():
         _, image_embs = model._encode_image(torch.randn(2, 3, 64, 64))
