@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm.attention import KVShape, StepBatch
+
 
 @dataclass(frozen=True, slots=True)
 class CoCaDecoderConfig:
@@ -62,50 +64,31 @@ class MLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
-class KVCache:
-    """A contiguous cache per self-attention layer: [batch, heads, context, head_dim]."""
-
-    def __init__(self, n_layers: int, batch: int, cfg: CoCaDecoderConfig, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
-        shape = (batch, cfg.heads, cfg.context_length, cfg.width // cfg.heads)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-
-
 class SelfAttentionBlock(nn.Module):
-    """Pre-LN causal self-attention + MLP; its K/V go to the cache."""
+    """Pre-LN causal self-attention + MLP; its K/V go to the paged pool."""
 
-    def __init__(self, cfg: CoCaDecoderConfig) -> None:
+    def __init__(self, cfg: CoCaDecoderConfig, layer: int) -> None:
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.layer = cfg.heads, layer
         self.ln_1 = nn.LayerNorm(cfg.width)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.out = nn.Linear(cfg.width, cfg.width)
         self.ln_2 = nn.LayerNorm(cfg.width)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
-        b, t, w = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        rows = torch.arange(b, device=x.device)[:, None]
-        k_cache[rows, :, positions] = k.transpose(1, 2)  # scatter each row's new K/V at its own positions
-        v_cache[rows, :, positions] = v.transpose(1, 2)
-        # Key j is visible to a query at position p iff j <= p: the cache holds each row's tokens at
-        # positions 0..len-1, so this one mask is both causal and padding-safe.
-        key_pos = torch.arange(k_cache.shape[2], device=x.device)
-        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]
-        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
-        x = x + self.out(attn.transpose(1, 2).reshape(b, t, w))
+    def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        n, w = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(n, 3, self.heads, w // self.heads).unbind(1)
+        x = x + self.out(batch.self_attention(self.layer, q, k, v).reshape(n, w))
         return x + self.mlp(self.ln_2(x))
 
 
 class CrossAttentionBlock(nn.Module):
     """Pre-LN cross-attention to the image tokens + MLP."""
 
-    def __init__(self, cfg: CoCaDecoderConfig) -> None:
+    def __init__(self, cfg: CoCaDecoderConfig, layer: int) -> None:
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.layer = cfg.heads, layer
         self.ln_1 = nn.LayerNorm(cfg.width)
         self.ln_1_kv = nn.LayerNorm(cfg.width)
         self.q = nn.Linear(cfg.width, cfg.width)
@@ -114,16 +97,16 @@ class CrossAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.width)
         self.mlp = MLP(cfg)
 
-    def image_kv(self, image_embs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n, w = image_embs.shape
-        k, v = self.kv(self.ln_1_kv(image_embs)).view(b, n, 2, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        return k, v  # [B, H, N, D] each
+    def image_kv(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, W] visual tokens -> K, V [heads, N, head_dim]."""
+        n, w = image_tokens.shape
+        k, v = self.kv(self.ln_1_kv(image_tokens)).view(n, 2, self.heads, w // self.heads).permute(1, 2, 0, 3)
+        return k.contiguous(), v.contiguous()
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, t, w = x.shape
-        q = self.q(self.ln_1(x)).view(b, t, self.heads, w // self.heads).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(q, k, v)
-        x = x + self.out(attn.transpose(1, 2).reshape(b, t, w))
+    def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        n, w = x.shape
+        q = self.q(self.ln_1(x)).view(n, self.heads, w // self.heads)
+        x = x + self.out(batch.cross_attention(self.layer, q).reshape(n, w))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -133,38 +116,44 @@ class CoCaDecoder(nn.Module):
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
-        self.text_blocks = nn.ModuleList(SelfAttentionBlock(cfg) for _ in range(cfg.text_layers))
-        self.mm_self = nn.ModuleList(SelfAttentionBlock(cfg) for _ in range(cfg.multimodal_layers))
-        self.mm_cross = nn.ModuleList(CrossAttentionBlock(cfg) for _ in range(cfg.multimodal_layers))
+        n_text = cfg.text_layers
+        self.text_blocks = nn.ModuleList(SelfAttentionBlock(cfg, i) for i in range(n_text))
+        self.mm_self = nn.ModuleList(SelfAttentionBlock(cfg, n_text + i) for i in range(cfg.multimodal_layers))
+        self.mm_cross = nn.ModuleList(CrossAttentionBlock(cfg, i) for i in range(cfg.multimodal_layers))
         self.ln_final = nn.LayerNorm(cfg.width)
         self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
 
+    # -- what the model runner needs to know --------------------------------------------------------
     @property
-    def n_cache_layers(self) -> int:
-        return self.cfg.text_layers + self.cfg.multimodal_layers
+    def kv_shape(self) -> KVShape:
+        return KVShape(self_layers=self.cfg.text_layers + self.cfg.multimodal_layers, kv_heads=self.cfg.heads,
+                       head_dim=self.cfg.width // self.cfg.heads)
 
-    def new_cache(self, batch: int) -> KVCache:
-        p = self.lm_head.weight
-        return KVCache(self.n_cache_layers, batch, self.cfg, p.dtype, p.device)
+    @property
+    def context_length(self) -> int:
+        return self.cfg.context_length
 
-    def cross_kv(self, image_embs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The image's K/V for every multimodal layer, computed once per image."""
-        image_embs = image_embs.to(self.lm_head.weight.dtype)
-        return [block.image_kv(image_embs) for block in self.mm_cross]
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                cross: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """ids, positions: [B, T] -> logits [B, T, vocab]; writes the new tokens' K/V into `cache`."""
-        x = self.token_embedding(ids) + self.positional_embedding[positions]
-        layer = 0
+    def image_start(self, prompt_ids: list[int]) -> int:
+        """Every CoCa token sees the image."""
+        return 0
+
+    def cross_kv(self, image_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One image's K/V [heads, N, head_dim] for every multimodal layer: computed once per image."""
+        image_tokens = image_tokens.to(self.lm_head.weight.dtype)
+        return [block.image_kv(image_tokens) for block in self.mm_cross]
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """The step's flat tokens -> logits [len(batch.logits_rows), vocab]; K/V go to the pool."""
+        x = self.token_embedding(batch.token_ids) + self.positional_embedding[batch.positions]
         for block in self.text_blocks:
-            x = block(x, positions, cache.k[layer], cache.v[layer])
-            layer += 1
-        for self_block, cross_block, (k, v) in zip(self.mm_self, self.mm_cross, cross):
-            x = self_block(x, positions, cache.k[layer], cache.v[layer])
-            x = cross_block(x, k, v)
-            layer += 1
-        return self.lm_head(self.ln_final(x))
+            x = block(x, batch)
+        for self_block, cross_block in zip(self.mm_self, self.mm_cross):
+            x = cross_block(self_block(x, batch), batch)
+        return self.lm_head(self.ln_final(x[batch.logits_rows]))
 
 
 def _block_state(sd: dict, prefix: str, cross: bool) -> dict:

@@ -1,16 +1,22 @@
-"""Greedy generation with the KV cache, a batch of prompts at once.
+"""Batch helpers over the engine: greedy generation for a list of prompts, and teacher-forced logits.
 
-Prompts of different lengths share one batch: each row keeps its own positions, so the K/V of row b
-sit at positions 0..len_b-1 of its cache and the position mask in the attention does the rest.
+`generate_greedy` is the simple call the accuracy tests, the vision benchmark and the oracle tests
+use: one throwaway engine sized for the batch. `teacher_forced_logits` runs given token ids through
+the model runner in chunks (whole prompts, or one token at a time through the paged KV cache) and
+returns every position's logits: what the oracle tests compare with reference implementations.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 
-from llm.coca import CoCaDecoder
+from llm.engine import Engine, EngineConfig, ImageInput
+from llm.model_runner import ModelRunner
+from llm.sampling import SamplingParams
+from llm.scheduler import ScheduledChunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,43 +33,54 @@ class ContextLengthError(ValueError):
         self.prompt_tokens, self.context_length = prompt_tokens, context_length
 
 
-@torch.inference_mode()
-def generate_greedy(decoder: CoCaDecoder, image_embs: torch.Tensor, prompts: list[list[int]],
-                    params: GenerationParams) -> list[list[int]]:
+def tensor_digest(tokens: torch.Tensor) -> str:
+    """A content digest for visual tokens that did not come through the vision stage's cache."""
+    t = tokens.detach().to("cpu").contiguous()
+    return hashlib.sha256(str((t.dtype, tuple(t.shape))).encode() + t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: list[list[int]],
+                    params: GenerationParams, block_size: int = 16) -> list[list[int]]:
     """image_embs: [B, N, W] visual tokens, one row per prompt. Returns the new tokens of each row,
     stop token excluded. Generation stops at a stop id, at max_new_tokens, or at the context end."""
-    context = decoder.cfg.context_length
+    context = model.context_length
     for p in prompts:
         if not 0 < len(p) < context:
             raise ContextLengthError(len(p), context)
-    batch, device = len(prompts), decoder.lm_head.weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    longest = int(lengths.max())
-    ids = torch.zeros((batch, longest), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-    # Padded positions past a row's end compute throwaway K/V that later tokens overwrite.
-    positions = torch.arange(longest, device=device).expand(batch, longest).clamp(max=context - 1)
-    cache, cross = decoder.new_cache(batch), decoder.cross_kv(image_embs)
-    logits = decoder(ids, positions, cache, cross)[torch.arange(batch), lengths - 1]
+    # A pool that holds the whole batch at once, so nothing is preempted.
+    tokens = sum(-(-min(len(p) + params.max_new_tokens, context) // block_size) + 1 for p in prompts) * block_size
+    kv_bytes = tokens * model.kv_shape.elements_per_token * next(model.parameters()).element_size()
+    engine = Engine(model, None, params.stop_ids,
+                    EngineConfig(block_size=block_size, kv_cache_bytes=kv_bytes, max_num_seqs=max(1, len(prompts)),
+                                 max_num_batched_tokens=max(512, sum(len(p) for p in prompts))))
+    sampling = SamplingParams(max_tokens=params.max_new_tokens, min_tokens=min(params.min_new_tokens,
+                                                                                params.max_new_tokens))
+    requests = [(p, ImageInput(tensor_digest(e), e), sampling) for p, e in zip(prompts, image_embs)]
+    return [list(o.token_ids) for o in engine.generate(requests)]
 
-    stop = torch.tensor(params.stop_ids or [-1], device=device)
-    budget = torch.clamp(context - lengths, max=params.max_new_tokens)
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = budget <= 0
-    for step in range(int(budget.max())):
-        if step < params.min_new_tokens and params.stop_ids:
-            logits[:, stop] = float("-inf")
-        next_ids = logits.argmax(-1)
-        for i in torch.nonzero(~done).flatten().tolist():
-            token = int(next_ids[i])
-            if token in params.stop_ids:
-                done[i] = True
-            else:
-                out[i].append(token)
-                done[i] = len(out[i]) >= budget[i]
-        if bool(done.all()):
-            break
-        positions = (lengths + step).clamp(max=context - 1)[:, None]
-        logits = decoder(next_ids[:, None], positions, cache, cross)[:, 0]
-    return out
+
+@torch.inference_mode()
+def teacher_forced_logits(model: torch.nn.Module, image_embs: torch.Tensor, ids: torch.Tensor,
+                          chunk: int | None = None, block_size: int = 4) -> torch.Tensor:
+    """ids [B, T] under images [B, N, W] -> logits [B, T, vocab], computed `chunk` tokens per step
+    (None: the whole row at once) through the paged KV cache. A small block size makes the rows'
+    blocks interleave in the pool, so block tables are really exercised."""
+    b, t = ids.shape
+    chunk = chunk or t
+    blocks_per_row = -(-t // block_size)
+    runner = ModelRunner(model, b * blocks_per_row, block_size, cross_cache_bytes=1 << 30)
+    tables = [tuple(range(r, b * blocks_per_row, b)) for r in range(b)]  # row r owns blocks r, r+b, ...
+    for r in range(b):
+        runner.add_request(f"row{r}", ids[r].tolist(), tensor_digest(image_embs[r]), image_embs[r],
+                           SamplingParams(), frozenset())
+    logits = torch.zeros(b, t, model.vocab_size)
+    for start in range(0, t, chunk):
+        end = min(t, start + chunk)
+        chunks = [ScheduledChunk(f"row{r}", start, end, tuple(ids[r, start:end].tolist()), end - start > 1,
+                                 False, tables[r], "") for r in range(b)]
+        batch, _ = runner._build_batch(chunks)
+        batch.logits_rows = torch.arange(batch.num_tokens)  # every position, not just the last
+        out = model(batch)
+        # _build_batch orders single-token chunks first, then the others, both in the given order
+        logits[:, start:end] = out.view(b, end - start, -1).float()
+    return logits

@@ -1,0 +1,165 @@
+"""Attention over the paged KV pool, and the per-step batch a model's forward receives.
+
+A step's tokens come flattened: [N, width], every sequence's new tokens one after another, decodes
+first (one token each), then prefill chunks. The models (llm/coca.py, llm/mllama.py) only ever call
+
+    batch.self_attention(layer, q, k, v)   # writes k, v into the pool, attends through block tables
+    batch.cross_attention(layer, q)        # attends to each sequence's image K/V
+
+and never see the pool, the block tables or the grouping, which the model runner builds.
+
+Self-attention K/V live in one preallocated pool per layer, [num_slots, kv_heads, head_dim] with
+num_slots = num_blocks * block_size; token t of a sequence sits in slot
+block_table[t // block_size] * block_size + t % block_size.
+
+Two groups, because they want different shapes:
+- decodes (one query each, the latency-bound bulk of serving) run as ONE batched attention: each row
+  gathers its keys through its block table into [B, kv_heads, L_max, head_dim], padding masked;
+- each prefill chunk runs on its own with a causal mask shifted by its start, so a chunk of 200
+  tokens never pads 15 decodes to 200.
+
+GQA never repeats K/V: the query heads that share a K/V head are folded into the query length
+([kv_heads, group * T, head_dim]), so one SDPA call serves the whole group.
+
+Attention kernels: torch SDPA (flash / memory-efficient / math, whichever the device has); on CUDA
+with xformers installed, prefill chunks use xformers' memory-efficient attention. xformers raises
+NotImplementedError on CPU, so it is detected, never required.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def xformers_ops():
+    """xformers.ops when importable, else None. Used only for CUDA tensors."""
+    try:
+        import xformers.ops as xops  # noqa: PLC0415
+    except Exception:  # ImportError, or a build that does not match this torch
+        return None
+    return xops
+
+
+def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, Hq, T, D] against k, v [B, Hkv, L, D]; mask broadcastable to [B, 1, T, L] (True = attend).
+    Returns [B, Hq, T, D]."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    if group == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    qg = q.reshape(b, hkv, group * t, d)
+    if mask is not None:
+        mask = mask.expand(b, 1, t, k.shape[2]).repeat(1, 1, group, 1)
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(b, hq, t, d)
+
+
+@dataclass(frozen=True, slots=True)
+class KVShape:
+    """The self-attention KV pool a model needs per token: layers x kv_heads x head_dim."""
+
+    self_layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def elements_per_token(self) -> int:
+        return 2 * self.self_layers * self.kv_heads * self.head_dim  # K and V
+
+
+@dataclass
+class PrefillSpan:
+    """One prefill chunk of the flat batch: rows start..end of the step, positions pos0..pos0+T-1."""
+
+    rows: slice
+    key_slots: torch.Tensor  # [pos0 + T] pool slots of positions 0 .. pos0+T-1
+    causal_mask: torch.Tensor  # [T, pos0 + T] bool, True = attend
+    cross_index: int  # which image (row of the step's image list) this sequence attends to
+
+
+@dataclass
+class CrossLayerKV:
+    """One cross-attention layer's image K/V for the step: the decodes' stacked, each prefill's own."""
+
+    decode_k: torch.Tensor | None  # [B_dec, Hkv, N_max, D]
+    decode_v: torch.Tensor | None
+    images: list[tuple[torch.Tensor, torch.Tensor]]  # per distinct image: k, v [Hkv, N, D]
+
+
+@dataclass
+class StepBatch:
+    """Everything a forward needs besides the weights. Built by the model runner for each step."""
+
+    token_ids: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    slot_mapping: torch.Tensor  # [N] pool slot for each new token's K/V
+    num_decodes: int  # rows 0 .. num_decodes-1 are single-token chunks
+    decode_key_slots: torch.Tensor | None  # [B_dec, L_max]
+    decode_key_mask: torch.Tensor | None  # [B_dec, 1, 1, L_max]
+    prefills: list[PrefillSpan]
+    k_pool: list[torch.Tensor]  # per self-attention layer [num_slots, Hkv, D]
+    v_pool: list[torch.Tensor]
+    cross: list[CrossLayerKV]  # per cross-attention layer
+    decode_cross_mask: torch.Tensor | None = None  # [B_dec, 1, 1, N_max] when images differ in length
+    # Rows whose token sees an image (Mllama: tokens after the <|image|> token). None: every row does.
+    image_visible: torch.Tensor | None = None  # [N] bool
+    logits_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [N, Hq, D], k and v [N, Hkv, D] for this step's tokens -> attention output [N, Hq, D]."""
+        k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
+        k_pool.index_copy_(0, self.slot_mapping, k.to(k_pool.dtype))
+        v_pool.index_copy_(0, self.slot_mapping, v.to(v_pool.dtype))
+        out = torch.empty_like(q)
+        n_dec = self.num_decodes
+        if n_dec:
+            keys = k_pool[self.decode_key_slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+            values = v_pool[self.decode_key_slots].to(q.dtype).transpose(1, 2)
+            out[:n_dec] = _grouped_sdpa(q[:n_dec, :, None], keys, values, self.decode_key_mask)[:, :, 0]
+        for span in self.prefills:
+            keys = k_pool[span.key_slots].to(q.dtype)  # [L, Hkv, D]
+            values = v_pool[span.key_slots].to(q.dtype)
+            out[span.rows] = _prefill_attention(q[span.rows], keys, values, span.causal_mask)
+        return out
+
+    def cross_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [N, Hq, D] -> attention over each row's image K/V [N, Hq, D]."""
+        kv = self.cross[layer]
+        out = torch.empty_like(q)
+        n_dec = self.num_decodes
+        if n_dec:
+            out[:n_dec] = _grouped_sdpa(q[:n_dec, :, None], kv.decode_k, kv.decode_v,
+                                        self.decode_cross_mask)[:, :, 0]
+        for span in self.prefills:
+            k, v = kv.images[span.cross_index]
+            qs = q[span.rows].transpose(0, 1)[None]  # [1, Hq, T, D]
+            out[span.rows] = _grouped_sdpa(qs, k[None], v[None], None)[0].transpose(0, 1)
+        return out
+
+
+def _prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       causal_mask: torch.Tensor) -> torch.Tensor:
+    """q [T, Hq, D], keys/values [L, Hkv, D] (L = start + T) -> [T, Hq, D], causal from the bottom right."""
+    xops = xformers_ops() if q.is_cuda else None
+    if xops is not None:
+        t, hq, d = q.shape
+        hkv = keys.shape[1]
+        g = hq // hkv
+        # xformers' 5-D layout [B, M, G, H, K] shares K/V across a head group without copying.
+        qx = q.view(1, t, hkv, g, d)
+        kx = keys[None, :, :, None].expand(1, keys.shape[0], hkv, g, d)
+        vx = values[None, :, :, None].expand(1, values.shape[0], hkv, g, d)
+        bias = xops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
+        return xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias).view(t, hq, d)
+    qs = q.transpose(0, 1)[None]  # [1, Hq, T, D]
+    out = _grouped_sdpa(qs, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], causal_mask[None, None])
+    return out[0].transpose(0, 1)

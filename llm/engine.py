@@ -1,0 +1,180 @@
+"""The engine: scheduler + model runner + detokenizer, one step at a time (single-threaded).
+
+    out = scheduler.schedule(); sampled = runner.run(out); finished = scheduler.update(out, sampled)
+
+plus, per request, incremental detokenization and stop strings. `llm.async_engine.AsyncEngine` runs
+this loop in its own thread for the server; the CLI and the benchmarks call `generate` directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llm.model_runner import ModelRunner
+from llm.sampling import SamplingParams
+from llm.scheduler import Scheduler, SchedulerConfig
+from llm.sequence import Sequence, StopConditions
+from llm.tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 256 << 20  # the self-attention KV pool, preallocated
+    cross_cache_bytes: int = 256 << 20  # image K/V kept for reuse once no request holds them
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    kv_dtype: str | None = None  # None: the model's dtype; "bfloat16" halves the pool
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine setting {name} must be positive, got {getattr(self, name)}")
+        if self.cross_cache_bytes < 0:
+            raise ValueError("engine setting cross_cache_bytes must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """The visual tokens a request cross-attends to, named by the digest of the features (the vision
+    stage's cache key): the same digest must always mean the same tokens."""
+
+    digest: str
+    tokens: torch.Tensor  # [N, width]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    request_id: str
+    delta_text: str  # new text since the last output of this request
+    text: str  # all text so far (final when finished)
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    token_ids: tuple[int, ...]  # all generated ids so far, a stop id excluded
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens whose K/V came from the prefix cache
+
+
+class IncrementalDetokenizer:
+    """Text deltas from a growing list of token ids, with stop strings.
+
+    Text that might still turn into a stop string (a suffix that is a prefix of one) or that ends in a
+    half-decoded character is held back until the next token settles it, so a stop string is never
+    streamed and then retracted."""
+
+    def __init__(self, tokenizer: TextTokenizer | None, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.emitted = ""
+
+    def update(self, output_ids: list[int], final: bool) -> tuple[str, str, bool]:
+        """-> (delta, full text, hit a stop string). No tokenizer: token ids only, no text."""
+        if self.tokenizer is None:
+            return "", "", False
+        text = self.tokenizer.decode(output_ids)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        hit = cut >= 0
+        if hit:
+            text = text[:cut]
+        safe = len(text)
+        if not (hit or final):
+            safe -= max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            if text[:safe].endswith("\ufffd"):
+                safe -= 1
+        if not text.startswith(self.emitted) or safe < len(self.emitted):
+            return "", text, hit  # the tokenizer re-spelled earlier text; the final `text` is authoritative
+        delta = text[len(self.emitted):safe]
+        self.emitted += delta
+        return delta, text, hit
+
+
+@dataclass
+class _Live:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    stop_ids: frozenset[int]
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer: TextTokenizer | None, stop_ids: tuple[int, ...],
+                 config: EngineConfig = EngineConfig()) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.stop_ids = frozenset(stop_ids)  # the model's own end-of-turn ids
+        kv_dtype = getattr(torch, config.kv_dtype) if config.kv_dtype else next(model.parameters()).dtype
+        num_blocks = ModelRunner.blocks_for_budget(model, config.kv_cache_bytes, config.block_size, kv_dtype)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=num_blocks, max_model_len=model.context_length, block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs)))
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.cross_cache_bytes, kv_dtype)
+        self._live: dict[str, _Live] = {}
+
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    def add_request(self, request_id: str, prompt_ids: list[int], image: ImageInput,
+                    params: SamplingParams) -> None:
+        """Raises llm.scheduler.PromptRejected for a prompt that can never run."""
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_ids)
+        seq = Sequence(request_id, tuple(prompt_ids), extra_key=image.digest,
+                       stop=StopConditions(params.max_tokens, stop_ids, params.min_tokens))
+        self.scheduler.add(seq)
+        self.runner.add_request(request_id, list(prompt_ids), image.digest, image.tokens, params, stop_ids)
+        self._live[request_id] = _Live(seq, IncrementalDetokenizer(self.tokenizer, params.stop), stop_ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now: its KV blocks and its hold on the image K/V go back at once."""
+        self._live.pop(request_id, None)
+        self.runner.release(request_id)
+        return self.scheduler.abort(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return not self.scheduler.is_idle
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        sampled = self.runner.run(out)
+        finished = {seq.request_id for seq in self.scheduler.update(out, sampled)}
+        outputs = []
+        for request_id in sampled:
+            live = self._live.get(request_id)
+            if live is None:
+                continue
+            seq = live.seq
+            done = request_id in finished
+            delta, text, hit_stop = live.detokenizer.update(seq.output_token_ids, final=done)
+            reason = seq.finish_reason if done else None
+            if hit_stop and not done:
+                self.scheduler.abort(request_id)
+                done, reason = True, "stop"
+            completion = seq.num_output_tokens + (reason == "stop" and not hit_stop)  # the stop id counts
+            outputs.append(RequestOutput(request_id, delta, text, done, reason, tuple(seq.output_token_ids),
+                                         seq.num_prompt_tokens, completion, seq.num_cached_tokens))
+            if done:
+                del self._live[request_id]
+                self.runner.release(request_id)
+        return outputs
+
+    def generate(self, requests: list[tuple[list[int], ImageInput, SamplingParams]]) -> list[RequestOutput]:
+        """Run a batch of requests to completion; the final output of each, in order."""
+        ids = [f"batch-{i}" for i in range(len(requests))]
+        for request_id, (prompt, image, params) in zip(ids, requests):
+            self.add_request(request_id, prompt, image, params)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished:
+            for o in self.step():
+                if o.finished:
+                    final[o.request_id] = o
+        return [final[i] for i in ids]
+
+    def stats(self) -> dict:
+        bm = self.scheduler.block_manager
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": self.scheduler.config.num_blocks, "kv_blocks_used": bm.num_used_blocks,
+                "kv_usage": bm.usage, "kv_pool_bytes": self.runner.kv_pool_bytes,
+                "cross_kv_entries": len(self.runner.cross_pool), "cross_kv_bytes": self.runner.cross_pool.bytes,
+                "cross_kv_hits": self.runner.cross_pool.hits, "cross_kv_misses": self.runner.cross_pool.misses}

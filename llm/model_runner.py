@@ -1,0 +1,252 @@
+"""The model runner: owns the tensors (KV pool, cross-attention K/V pool) and runs each step's forward.
+
+    sampled = runner.run(scheduler_output)
+
+It turns the scheduler's chunks into one flat `StepBatch`, runs the model, and samples one token for
+every chunk that asks for one. The scheduler and block manager never see a tensor (STYLE lesson 1).
+
+Cross-attention K/V (`CrossKVPool`) depend on the image alone, so they are computed once per feature
+digest and kept while any live request uses them; released ones stay, least recently used first out,
+within a byte budget, so the next turn of a conversation, or another request showing the same image,
+finds them ready.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from llm.attention import CrossLayerKV, KVShape, PrefillSpan, StepBatch
+from llm.sampling import RequestSampler, SamplingParams, sample
+from llm.scheduler import ScheduledChunk, SchedulerOutput
+
+CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attention layer: K, V [kv_heads, N, head_dim]
+
+
+def _nbytes(kv: CrossKV) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+
+class CrossKVPool:
+    """Image K/V by feature digest, reference-counted by live requests, LRU among the unreferenced."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, CrossKV] = OrderedDict()
+        self._refs: dict[str, int] = {}
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def acquire(self, digest: str) -> None:
+        self._refs[digest] = self._refs.get(digest, 0) + 1
+
+    def release(self, digest: str) -> None:
+        left = self._refs[digest] - 1
+        if left:
+            self._refs[digest] = left
+        else:
+            del self._refs[digest]
+        self._evict()
+
+    def get(self, digest: str) -> CrossKV | None:
+        kv = self._entries.get(digest)
+        if kv is not None:
+            self._entries.move_to_end(digest)
+        return kv
+
+    def put(self, digest: str, kv: CrossKV) -> None:
+        self._entries[digest] = kv
+        self.bytes += _nbytes(kv)
+        self._evict()
+
+    def _evict(self) -> None:
+        for digest in list(self._entries):
+            if self.bytes <= self.budget_bytes:
+                return
+            if digest not in self._refs:
+                self.bytes -= _nbytes(self._entries.pop(digest))
+                self.evictions += 1
+
+
+@dataclass
+class _RequestState:
+    image_digest: str
+    image_tokens: torch.Tensor | None  # dropped once its cross K/V are in the pool
+    image_start: int  # first position that sees the image
+    sampler: RequestSampler
+    num_prompt_tokens: int
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, cross_cache_bytes: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        self.model = model.eval()
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        self.kv_dtype = kv_dtype or self.dtype
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape: KVShape = model.kv_shape
+        slots = num_blocks * block_size
+        self.k_pool = [torch.zeros(slots, shape.kv_heads, shape.head_dim, dtype=self.kv_dtype, device=self.device)
+                       for _ in range(shape.self_layers)]
+        self.v_pool = [torch.zeros_like(k) for k in self.k_pool]
+        self.cross_pool = CrossKVPool(cross_cache_bytes)
+        self._requests: dict[str, _RequestState] = {}
+        self._stacked: tuple[tuple[str, ...], list, torch.Tensor | None] | None = None
+
+    @staticmethod
+    def blocks_for_budget(model: torch.nn.Module, budget_bytes: int, block_size: int,
+                          kv_dtype: torch.dtype) -> int:
+        per_token = model.kv_shape.elements_per_token * torch.finfo(kv_dtype).bits // 8
+        return max(1, budget_bytes // (per_token * block_size))
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() for k in self.k_pool) * 2
+
+    # -- request lifetime --------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], image_digest: str, image_tokens: torch.Tensor,
+                    params: SamplingParams, stop_ids: frozenset[int]) -> None:
+        self.cross_pool.acquire(image_digest)
+        self._requests[request_id] = _RequestState(
+            image_digest, None if image_digest in self.cross_pool else image_tokens,
+            self.model.image_start(prompt_ids), RequestSampler(params, stop_ids, prompt_ids, self.device),
+            len(prompt_ids))
+
+    def release(self, request_id: str) -> None:
+        state = self._requests.pop(request_id, None)
+        if state is not None:
+            self.cross_pool.release(state.image_digest)
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, output: SchedulerOutput) -> dict[str, int]:
+        for request_id in output.finished_ids:
+            self.release(request_id)
+        chunks = [c for c in output.chunks if c.request_id in self._requests]
+        if not chunks:
+            return {}
+        batch, sampling = self._build_batch(chunks)
+        logits = self.model(batch)
+        if not sampling:
+            return {}
+        states = [self._requests[c.request_id] for c in sampling]
+        generated = [c.end - s.num_prompt_tokens for c, s in zip(sampling, states)]
+        tokens = sample(logits, [s.sampler for s in states], generated)
+        for state, token in zip(states, tokens):
+            state.sampler.observe(token)
+        return {c.request_id: t for c, t in zip(sampling, tokens)}
+
+    def _cross_kv(self, request_id: str) -> CrossKV:
+        state = self._requests[request_id]
+        kv = self.cross_pool.get(state.image_digest)
+        if kv is None:
+            self.cross_pool.misses += 1
+            tokens = state.image_tokens
+            if tokens is None:  # evicted while the request waited: cannot happen while it holds a ref
+                raise RuntimeError(f"cross-attention K/V of {state.image_digest} vanished")
+            kv = self.model.cross_kv(tokens.to(self.device))
+            self.cross_pool.put(state.image_digest, kv)
+        else:
+            self.cross_pool.hits += 1
+        state.image_tokens = None
+        return kv
+
+    def _build_batch(self, chunks: list[ScheduledChunk]) -> tuple[StepBatch, list[ScheduledChunk]]:
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        prefills = [c for c in chunks if c.num_tokens > 1]
+        ordered = decodes + prefills
+        bs, dev = self.block_size, self.device
+        token_ids, positions, slots, logits_rows, sampling = [], [], [], [], []
+        row = 0
+        for c in ordered:
+            token_ids.extend(c.token_ids)
+            pos = range(c.start, c.end)
+            positions.extend(pos)
+            slots.extend(c.block_table[p // bs] * bs + p % bs for p in pos)
+            row += c.num_tokens
+            if c.sample:
+                logits_rows.append(row - 1)
+                sampling.append(c)
+        positions_t = torch.tensor(positions, device=dev)
+
+        # Distinct images of the step, in first-use order.
+        digests = {c.request_id: self._requests[c.request_id].image_digest for c in ordered}
+        image_index: dict[str, int] = {}
+        image_kvs: list[CrossKV] = []
+        for c in ordered:
+            d = digests[c.request_id]
+            if d not in image_index:
+                image_index[d] = len(image_kvs)
+                image_kvs.append(self._cross_kv(c.request_id))
+
+        decode_slots = decode_mask = cross_mask = None
+        decode_cross: list = [(None, None)] * len(image_kvs[0])
+        if decodes:
+            lens = torch.tensor([c.end for c in decodes], device=dev)
+            longest = int(lens.max())
+            tables = torch.zeros(len(decodes), -(-longest // bs), dtype=torch.long, device=dev)
+            for i, c in enumerate(decodes):
+                tables[i, : len(c.block_table)] = torch.tensor(c.block_table[: tables.shape[1]])
+            pos = torch.arange(longest, device=dev)
+            decode_slots = tables[:, pos // bs] * bs + pos % bs
+            decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :]
+            decode_cross, cross_mask = self._stack_decode_cross(tuple(digests[c.request_id] for c in decodes),
+                                                                image_index, image_kvs)
+        spans = []
+        row = len(decodes)
+        for c in prefills:
+            t = c.num_tokens
+            pos = torch.arange(c.end, device=dev)
+            table = torch.tensor(c.block_table, device=dev)
+            causal = pos[None, :] <= torch.arange(c.start, c.end, device=dev)[:, None]
+            spans.append(PrefillSpan(slice(row, row + t), table[pos // bs] * bs + pos % bs, causal,
+                                     image_index[digests[c.request_id]]))
+            row += t
+        cross = [CrossLayerKV(dk, dv, [kv[layer] for kv in image_kvs])
+                 for layer, (dk, dv) in enumerate(decode_cross)]
+        starts = [self._requests[c.request_id].image_start for c in ordered]
+        image_visible = None
+        if any(starts):
+            first_seen = torch.tensor([s for c, s in zip(ordered, starts) for _ in range(c.num_tokens)], device=dev)
+            image_visible = positions_t >= first_seen
+        batch = StepBatch(
+            token_ids=torch.tensor(token_ids, device=dev), positions=positions_t,
+            slot_mapping=torch.tensor(slots, device=dev), num_decodes=len(decodes),
+            decode_key_slots=decode_slots, decode_key_mask=decode_mask, prefills=spans,
+            k_pool=self.k_pool, v_pool=self.v_pool, cross=cross, decode_cross_mask=cross_mask,
+            image_visible=image_visible, logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev))
+        return batch, sampling
+
+    def _stack_decode_cross(self, decode_digests: tuple[str, ...], image_index: dict[str, int],
+                            image_kvs: list[CrossKV]):
+        """Per layer, the decodes' image K/V stacked [B, Hkv, N_max, D]. Rebuilt only when the set of
+        decoding requests changes, which in steady decoding is every few dozen steps, not every step."""
+        if self._stacked is not None and self._stacked[0] == decode_digests:
+            return self._stacked[1], self._stacked[2]
+        per_row = [image_kvs[image_index[d]] for d in decode_digests]
+        lengths = [kv[0][0].shape[1] for kv in per_row]
+        longest = max(lengths)
+        mask = None
+        if min(lengths) != longest:
+            n = torch.arange(longest, device=self.device)
+            mask = (n[None, :] < torch.tensor(lengths, device=self.device)[:, None])[:, None, None, :]
+        stacked = []
+        for layer in range(len(per_row[0])):
+            ks, vs = [], []
+            for kv in per_row:
+                k, v = kv[layer]
+                pad = longest - k.shape[1]
+                ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k)
+                vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v)
+            stacked.append((torch.stack(ks), torch.stack(vs)))
+        self._stacked = (decode_digests, stacked, mask)
+        return stacked, mask

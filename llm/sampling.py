@@ -1,0 +1,104 @@
+"""Per-request sampling inside one batch: greedy, temperature, top-k, top-p, repetition penalty, seed.
+
+Every request carries its own `torch.Generator`, seeded from its `seed`, and draws from it only for
+its own rows, so a seeded request gives the same tokens whatever else shares its batch. Greedy rows
+(temperature 0) skip the random path altogether and are taken in one vectorised argmax.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # HF semantics: divides positive logits of seen tokens, multiplies negative
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
+    stop_token_ids: tuple[int, ...] = ()  # added to the model's own end-of-turn ids
+    min_tokens: int = 0  # stop ids are masked out until this many tokens were generated
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class RequestSampler:
+    """One request's sampling state: its parameters, its random stream, the ids it must penalise."""
+
+    def __init__(self, params: SamplingParams, stop_ids: frozenset[int], prompt_ids: list[int],
+                 device: torch.device | str = "cpu") -> None:
+        self.params = params
+        self.stop_ids = sorted(stop_ids)
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        self.seen = set(prompt_ids) if params.repetition_penalty != 1 else set()
+
+    def observe(self, token_id: int) -> None:
+        if self.params.repetition_penalty != 1:
+            self.seen.add(token_id)
+
+    def adjust(self, logits: torch.Tensor, num_generated: int) -> torch.Tensor:
+        """Processors that also apply under greedy decoding: min-tokens masking, repetition penalty."""
+        p = self.params
+        if self.stop_ids and num_generated < p.min_tokens:
+            logits[self.stop_ids] = float("-inf")
+        if p.repetition_penalty != 1 and self.seen:
+            ids = torch.tensor(sorted(self.seen), device=logits.device)
+            picked = logits[ids]
+            logits[ids] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        return logits
+
+    def draw(self, logits: torch.Tensor) -> int:
+        p = self.params
+        logits = logits.float() / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            # Drop a token once the tokens before it already reach top_p; the best token always stays.
+            drop = cumulative - sorted_logits.softmax(-1) >= p.top_p
+            logits = logits.index_fill(0, order[drop], float("-inf"))
+        probs = logits.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def sample(logits: torch.Tensor, samplers: list[RequestSampler], num_generated: list[int]) -> list[int]:
+    """logits [S, V], one row per sampler -> one token id per row."""
+    needs_adjust = [i for i, s in enumerate(samplers)
+                    if (s.stop_ids and num_generated[i] < s.params.min_tokens) or s.params.repetition_penalty != 1]
+    for i in needs_adjust:
+        logits[i] = samplers[i].adjust(logits[i], num_generated[i])
+    tokens = logits.argmax(-1).tolist()
+    for i, s in enumerate(samplers):
+        if not s.params.greedy:
+            tokens[i] = s.draw(logits[i])
+    return tokens
