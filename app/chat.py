@@ -1,5 +1,9 @@
-"""From an OpenAI chat request to a completion: validation, conversation -> turns, inference off the
-event loop. The controller stays a thin adapter over this."""
+"""From an OpenAI chat request to a completion or a stream of chunks: validation, conversation ->
+turns, the image through the vision stage, generation on the engine. The controller stays a thin
+adapter over this.
+
+Leaving a generation early — the deadline passes, the client disconnects, the task is cancelled —
+closes the engine stream, which aborts the request and frees its KV blocks."""
 
 from __future__ import annotations
 
@@ -7,15 +11,23 @@ import asyncio
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import msgspec
 from anyio import to_thread
 
 from app.errors import APIError
 from app.runtime import ModelRuntime
-from app.schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, ImagePart,
-                         TextPart, Usage)
+from app.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage,
+                         Choice, ChunkChoice, Delta, ErrorBody, ErrorDetail, ImagePart, TextPart, Usage)
 from app.settings import Settings
+from llm.async_engine import AsyncEngine
 from llm.chat_format import CAPTION_QUESTION, Turn
+from llm.engine import ImageInput, RequestOutput
+from llm.generate import tensor_digest
+from llm.sampling import SamplingParams
+from llm.scheduler import PromptRejected
 from vision.intake import load_image
 
 
@@ -34,15 +46,26 @@ def reject_unsupported(req: ChatCompletionRequest) -> None:
         raise _bad("only response_format type 'text' is supported", "response_format", "unsupported_parameter")
     if req.logprobs:
         raise _bad("logprobs are not supported yet", "logprobs", "unsupported_parameter")
-    if req.stream:
-        raise _bad("stream=true is not supported yet; send stream=false", "stream", "unsupported_parameter")
-    if req.temperature is not None and req.temperature != 0 and not 0 <= req.temperature <= 2:
-        raise _bad(f"temperature must be in [0, 2], got {req.temperature}", "temperature")
-    if req.temperature not in (None, 0, 0.0):
-        raise _bad("temperature > 0 is not supported yet: this server decodes greedily (send 0 or omit it)",
-                   "temperature", "unsupported_parameter")
-    if req.top_p is not None and req.top_p != 1:
-        raise _bad("top_p < 1 is not supported yet: this server decodes greedily", "top_p", "unsupported_parameter")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name) not in (None, 0, 0.0):
+            raise _bad(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", name,
+                       "unsupported_parameter")
+
+
+def sampling_params(req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4:
+        raise _bad("at most 4 stop sequences are allowed", "stop")
+    checks = [("temperature", req.temperature, lambda v: 0 <= v <= 2, "in [0, 2]"),
+              ("top_p", req.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("top_k", req.top_k, lambda v: v >= 0, ">= 0 (0 turns it off)"),
+              ("repetition_penalty", req.repetition_penalty, lambda v: 0 < v <= 10, "in (0, 10]")]
+    for name, value, ok, rule in checks:
+        if value is not None and not ok(value):
+            raise _bad(f"{name} must be {rule}, got {value}", name)
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature or 0.0,
+                          top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
+                          repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed, stop=tuple(stops))
 
 
 def _parts(message: ChatMessage) -> list:
@@ -87,34 +110,49 @@ def conversation(messages: list[ChatMessage], max_images: int) -> tuple[list[Tur
     return turns, images
 
 
-def _truncate_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
-    stops = [stop] if isinstance(stop, str) else (stop or [])
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+def _visual_tokens(value: int | float | None) -> int | float | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0 < value <= 1:
+        raise _bad(f"visual_tokens must be a count >= 1 or a ratio in (0, 1], got {value}", "visual_tokens")
+    return value
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A validated request, ready for the engine."""
+
+    prompt: list[int]
+    image_source: str
+    params: SamplingParams
+    visual_tokens: int | float | None
+
+
+def _sse(payload: msgspec.Struct | dict) -> bytes:
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+
+def _error_event(e: APIError) -> bytes:
+    """An error after the stream started: the status line is long gone, so it travels as an event."""
+    return _sse(ErrorBody(ErrorDetail(e.message, e.type, e.param, e.code)))
 
 
 class ChatService:
-    def __init__(self, runtime: ModelRuntime, settings: Settings) -> None:
+    def __init__(self, runtime: ModelRuntime, engine: AsyncEngine, settings: Settings) -> None:
         self.runtime = runtime
+        self.engine = engine
         self.settings = settings
-        # One forward at a time: torch already spreads one forward over every core.
-        self._compute = threading.Lock()
+        # One image encode at a time: torch already spreads one forward over every core.
+        self._encode = threading.Lock()
 
-    def _run(self, image_source: str, prompt: list[int], max_tokens: int):
-        image = load_image(image_source, self.settings.intake_limits)
-        with self._compute:
-            features = self.runtime.encode_images([image])
-            return self.runtime.complete(features, [prompt], max_tokens)[0]
-
-    async def complete(self, req: ChatCompletionRequest) -> ChatCompletion:
+    # -- validation --------------------------------------------------------------------------------
+    def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
         reject_unsupported(req)
         if req.model is not None and req.model != self.runtime.name:
             raise APIError(404, f"model {req.model!r} not found; this server serves {self.runtime.name!r}",
                            type="not_found_error", param="model", code="model_not_found")
         if not req.messages:
             raise _bad("messages must not be empty", "messages")
-        if req.stop is not None and len([req.stop] if isinstance(req.stop, str) else req.stop) > 4:
-            raise _bad("at most 4 stop sequences are allowed", "stop")
         turns, images = conversation(req.messages, self.settings.max_images_per_request)
         try:
             prompt = self.runtime.prompt_ids(turns)
@@ -133,14 +171,80 @@ class ChatService:
                        f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, {max_tokens} in the "
                        f"completion). Please reduce the length of the messages or the completion.",
                        param, "context_length_exceeded")
+        return PreparedChat(prompt, images[0], sampling_params(req, max_tokens), _visual_tokens(req.visual_tokens))
+
+    # -- the image ---------------------------------------------------------------------------------
+    def _encode_image(self, source: str) -> ImageInput:
+        image = load_image(source, self.settings.intake_limits)
+        with self._encode:
+            features = self.runtime.encode_images([image])[0]
+        return ImageInput(tensor_digest(features.tokens), features.tokens)
+
+    async def image_input(self, prepared: PreparedChat) -> ImageInput:
+        return await to_thread.run_sync(self._encode_image, prepared.image_source)
+
+    # -- generation --------------------------------------------------------------------------------
+    async def _outputs(self, prepared: PreparedChat, image: ImageInput) -> AsyncIterator[RequestOutput]:
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            done = await asyncio.wait_for(to_thread.run_sync(self._run, images[0], prompt, max_tokens),
-                                          self.settings.request_timeout_s)
+            async for out in self.engine.generate(request_id, prepared.prompt, image, prepared.params):
+                yield out
+        except PromptRejected as e:
+            raise _bad(str(e), "messages", "context_length_exceeded") from None
+
+    def _timeout(self) -> APIError:
+        return APIError(504, f"the request took longer than {self.settings.request_timeout_s} s",
+                        type="timeout_error", code="timeout")
+
+    async def complete(self, req: ChatCompletionRequest) -> ChatCompletion:
+        prepared = self.prepare(req)
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                image = await self.image_input(prepared)
+                final = None
+                async for out in self._outputs(prepared, image):
+                    final = out
         except TimeoutError:
-            raise APIError(504, f"the request took longer than {self.settings.request_timeout_s} s",
-                           type="timeout_error", code="timeout") from None
-        text, stopped = _truncate_at_stop(done.text, req.stop)
+            raise self._timeout() from None
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.runtime.name,
-            choices=[Choice(0, AssistantMessage(text), "stop" if stopped else done.finish_reason)],
-            usage=Usage(done.prompt_tokens, done.completion_tokens, done.prompt_tokens + done.completion_tokens))
+            choices=[Choice(0, AssistantMessage(final.text), final.finish_reason)],
+            usage=Usage(final.prompt_tokens, final.completion_tokens, final.prompt_tokens + final.completion_tokens))
+
+    async def start_stream(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+        """Validate and encode the image now (errors become a 4xx before the first byte), then return
+        the server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        prepared = self.prepare(req)
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                image = await self.image_input(prepared)
+        except TimeoutError:
+            raise self._timeout() from None
+        return self._events(prepared, image, include_usage, deadline)
+
+    async def _events(self, prepared: PreparedChat, image: ImageInput, include_usage: bool,
+                      deadline: float) -> AsyncIterator[bytes]:
+        chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.runtime.name
+
+        def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, choices=True) -> bytes:
+            return _sse(ChatCompletionChunk(chunk_id, created, model,
+                                            [ChunkChoice(0, delta, finish)] if choices else [], usage))
+
+        yield chunk(Delta(role="assistant", content=""))
+        final = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for out in self._outputs(prepared, image):
+                    final = out
+                    if out.delta_text or out.finished:
+                        yield chunk(Delta(content=out.delta_text) if out.delta_text else Delta(), out.finish_reason)
+        except TimeoutError:
+            yield _error_event(self._timeout())
+        except APIError as e:
+            yield _error_event(e)
+        if include_usage and final is not None:
+            yield chunk(Delta(), usage=Usage(final.prompt_tokens, final.completion_tokens,
+                                             final.prompt_tokens + final.completion_tokens), choices=False)
+        yield b"data: [DONE]\n\n"

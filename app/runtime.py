@@ -15,6 +15,7 @@ from PIL import Image
 from llm.chat_format import CAPTION_QUESTION, CaptionOnlyFormat, ChatFormat, Turn
 from llm.checkpoint import LoadedModel, load_model_dir
 from llm.coca import CoCaDecoder, decoder_from_open_clip
+from llm.engine import Engine, EngineConfig
 from llm.generate import GenerationParams, generate_greedy
 from vision.encoder import ImageFeatures, VisionEncoder
 from vision.preprocess import PreprocessCfg
@@ -46,6 +47,10 @@ class ModelRuntime:
     @property
     def context_length(self) -> int:
         return self.decoder.cfg.context_length
+
+    def new_engine(self, config: EngineConfig) -> Engine:
+        """A long-lived engine over this model (the server's); `complete` below runs its own per call."""
+        return Engine(self.decoder, self.tokenizer, self.format.stop_ids, config)
 
     def encode_images(self, images: list[Image.Image]) -> list[ImageFeatures]:
         return self.encoder.encode(images)

@@ -38,6 +38,14 @@ class ChatCompletionRequest(msgspec.Struct):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true} adds a final usage chunk
+    # Extensions (as vLLM accepts them): sampling controls OpenAI's schema lacks.
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    # Per-request visual-token budget: a count (e.g. 16) or a ratio of the model's tokens (e.g. 0.25).
+    visual_tokens: int | float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     # Accepted in the schema so that a request using them gets a clear 400, not silence.
     n: int | None = None
     tools: list[dict] | None = None
@@ -71,6 +79,26 @@ class ChatCompletion(msgspec.Struct):
     choices: list[Choice]
     usage: Usage
     object: str = "chat.completion"
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    object: str = "chat.completion.chunk"
 
 
 class ModelCard(msgspec.Struct):

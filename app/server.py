@@ -19,6 +19,7 @@ from app.controllers.models import ModelsController
 from app.errors import EXCEPTION_HANDLERS
 from app.runtime import ModelRuntime
 from app.settings import Settings
+from llm.async_engine import AsyncEngine
 
 
 def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> Litestar:
@@ -30,9 +31,15 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> Lites
             torch.set_num_threads(settings.threads)
         loaded = runtime or ModelRuntime.from_dir(settings.model)
         app.state.runtime = loaded
-        app.state.chat = ChatService(loaded, settings)
+        engine = AsyncEngine(loaded.new_engine(settings.engine_config))
+        engine.start()
+        app.state.engine = engine
+        app.state.chat = ChatService(loaded, engine, settings)
         app.state.started_at = int(time.time())
-        yield
+        try:
+            yield
+        finally:
+            engine.shutdown()
 
     def provide_runtime(state: State) -> ModelRuntime:
         return state.runtime

@@ -123,8 +123,7 @@ class BlockManager:
                 self._free[block_id] = None  # back of the queue: LRU among hashed blocks
                 if block.hash is None:
                     self._free.move_to_end(block_id, last=False)
-        seq.block_table = []
-        seq.num_cached_tokens = 0
+        seq.block_table = []  # num_cached_tokens stays: it reports what admission found
 
     def cache_computed_blocks(self, seq: Sequence, computed_before: int) -> None:
         """Register the blocks that became full and computed when `seq.num_computed_tokens` went from

@@ -8,6 +8,7 @@ this loop in its own thread for the server; the CLI and the benchmarks call `gen
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -161,7 +162,7 @@ class Engine:
 
     def generate(self, requests: list[tuple[list[int], ImageInput, SamplingParams]]) -> list[RequestOutput]:
         """Run a batch of requests to completion; the final output of each, in order."""
-        ids = [f"batch-{i}" for i in range(len(requests))]
+        ids = [f"generate-{uuid.uuid4().hex}" for _ in requests]
         for request_id, (prompt, image, params) in zip(ids, requests):
             self.add_request(request_id, prompt, image, params)
         final: dict[str, RequestOutput] = {}

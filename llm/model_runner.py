@@ -129,8 +129,7 @@ class ModelRunner:
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, output: SchedulerOutput) -> dict[str, int]:
-        for request_id in output.finished_ids:
-            self.release(request_id)
+        # (output.finished_ids need nothing here: the engine releases a request's state when it ends.)
         chunks = [c for c in output.chunks if c.request_id in self._requests]
         if not chunks:
             return {}

@@ -205,7 +205,7 @@ class Scheduler:
     def _preempt_newest(self) -> Sequence:
         _, seq = self.running.popitem()
         self.block_manager.free(seq)
-        seq.status, seq.num_computed_tokens = SequenceStatus.PREEMPTED, 0
+        seq.status, seq.num_computed_tokens, seq.num_cached_tokens = SequenceStatus.PREEMPTED, 0, 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         return seq

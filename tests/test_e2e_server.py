@@ -82,6 +82,22 @@ def test_openai_client_chat_and_three_turns(server):
         assert reply.choices[0].message.content == expected
 
 
+def test_openai_client_streaming_chat(server):
+    base, _ = server
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    scene = iw.Scene("gray", [iw.Obj("square", "yellow", "large", 64.0, 64.0, 48)])
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(iw.render(scene))}},
+                                             {"type": "text", "text": "describe the image."}]}]
+    stream = client.chat.completions.create(model="mmserve-demo", messages=messages, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == iw.caption(scene) == "a large yellow square"
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 3  # really incremental
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == 5  # four words and the end token
+
+
 def test_openai_client_sees_errors_as_exceptions(server):
     import openai
 

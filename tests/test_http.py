@@ -84,8 +84,11 @@ BAD = [
     ("unknown model", {"model": "gpt-9", "messages": [user()]}, 404, "gpt-9"),
     ("n > 1", {"messages": [user()], "n": 2}, 400, "n > 1"),
     ("tools", {"messages": [user()], "tools": [{"type": "function"}]}, 400, "tools"),
-    ("temperature", {"messages": [user()], "temperature": 0.7}, 400, "temperature"),
-    ("stream", {"messages": [user()], "stream": True}, 400, "stream"),
+    ("temperature", {"messages": [user()], "temperature": 2.5}, 400, "temperature must be in [0, 2]"),
+    ("top_p", {"messages": [user()], "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ("top_k", {"messages": [user()], "top_k": -1}, 400, "top_k must be >= 0"),
+    ("frequency_penalty", {"messages": [user()], "frequency_penalty": 0.5}, 400, "repetition_penalty"),
+    ("visual_tokens", {"messages": [user()], "visual_tokens": -3}, 400, "visual_tokens"),
     ("max_tokens 0", {"messages": [user()], "max_tokens": 0}, 400, "max_tokens must be at least 1"),
     ("negative max_tokens", {"messages": [user()], "max_tokens": -5}, 400, "max_tokens must be at least 1"),
     ("over context", {"messages": [user()], "max_tokens": 500}, 400, "maximum context length is 64 tokens"),
@@ -142,3 +145,41 @@ def test_own_renderer_sample_matches_its_caption(client):
 
     r = chat(client, [user(url=data_url(world.render(SAMPLE_SCENE)))])
     assert r.json()["choices"][0]["message"]["content"] == world.caption(SAMPLE_SCENE)
+
+
+def sse_events(response) -> list:
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    return [line[len("data: "):] for line in lines]
+
+
+def test_streaming_sends_openai_chunks_that_add_up_to_the_non_streamed_answer(client):
+    plain = chat(client, [user("describe the image.")]).json()["choices"][0]["message"]["content"]
+    r = chat(client, [user("describe the image.")], stream=True, stream_options={"include_usage": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "mmserve-demo" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == plain
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == "stop" and not any(finishes[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 5
+
+
+def test_streaming_errors_before_the_first_byte_are_plain_http_errors(client):
+    r = chat(client, [user("describe the image.", url="data:image/png;base64,AAAA")], stream=True)
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_sampling_options_are_honoured(client):
+    def text(**extra):
+        return chat(client, [user("describe the image.")], max_tokens=12, **extra).json()["choices"][0]["message"]["content"]
+    assert text(temperature=1.0, top_k=1, seed=5) == text()  # top_k 1 is greedy
+    assert text(temperature=2.0, seed=11) == text(temperature=2.0, seed=11)  # a seed reproduces
+    assert text(stop=["triangle"]) == "a large green "  # everything before the stop string
+    r = chat(client, [user("describe the image.")], stop=["triangle"])
+    assert r.json()["choices"][0]["finish_reason"] == "stop"

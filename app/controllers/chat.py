@@ -1,17 +1,44 @@
 from __future__ import annotations
 
-from litestar import Controller, post
+import asyncio
+
+from litestar import Controller, Request, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
+from litestar.response import Stream
 
 from app.chat import ChatService
 from app.schemas import ChatCompletion, ChatCompletionRequest
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client goes away. The body is already read, so the next ASGI message is the
+    disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class ChatController(Controller):
     path = "/v1/chat/completions"
     tags = ["chat"]
 
-    @post(status_code=200, summary="Create a chat completion over an image")
-    async def create(self, data: JSONBody[ChatCompletionRequest], chat: NamedDependency[ChatService]) -> ChatCompletion:
-        return await chat.complete(data)
+    @post(status_code=200, summary="Create a chat completion over an image (stream=true: server-sent events)")
+    async def create(self, data: JSONBody[ChatCompletionRequest], chat: NamedDependency[ChatService],
+                     request: Request) -> ChatCompletion | Stream:
+        if data.stream:
+            # Litestar stops iterating when the client disconnects; closing the generator aborts the request.
+            # (the content type goes in the headers: the handler's JSON media type would override media_type)
+            return Stream(await chat.start_stream(data),
+                          headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        # A client that hangs up on a non-streaming request aborts it too, freeing its KV blocks.
+        work = asyncio.ensure_future(chat.complete(data))
+        gone = asyncio.ensure_future(_until_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+        if gone.done() and not work.done():
+            raise asyncio.CancelledError  # nobody to answer
+        return work.result()
