@@ -165,3 +165,56 @@ def test_bfloat16_kv_pool_gives_nearly_the_same_answers(demo_runtime, scenes, im
     assert half.runner.k_pool[0].dtype == torch.bfloat16
     same = sum(a.token_ids == b.token_ids for a, b in zip(full, half.generate(requests)))
     assert same >= 14
+
+
+def test_leaving_a_stream_early_aborts_the_request_and_frees_its_blocks(demo_runtime, scenes, images):
+    eng = engine(demo_runtime)
+    async_engine = AsyncEngine(eng)
+    async_engine.start()
+    request = (prompt(demo_runtime), images[0], SamplingParams(max_tokens=40, ignore_eos=True))
+
+    async def main():
+        seen = 0
+        async for _ in async_engine.generate("leaver", *request):
+            seen += 1
+            if seen == 2:
+                break  # the client went away
+        for _ in range(200):
+            if eng.stats()["kv_blocks_used"] == 0 and not eng.has_unfinished:
+                return seen
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"blocks still held: {eng.stats()}")
+
+    try:
+        assert asyncio.run(main()) == 2
+        assert eng.runner.cross_pool._refs == {}
+    finally:
+        async_engine.shutdown()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(demo_runtime, scenes, images):
+    eng = engine(demo_runtime)
+    async_engine = AsyncEngine(eng)
+    async_engine.start()
+    real_run = eng.runner.run
+    calls = {"n": 0}
+
+    def flaky(output):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated out of memory")
+        return real_run(output)
+
+    eng.runner.run = flaky
+    request = (prompt(demo_runtime), images[0], SamplingParams(max_tokens=8))
+
+    async def collect(request_id):
+        return [o async for o in async_engine.generate(request_id, *request)][-1]
+
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            asyncio.run(collect("first"))
+        assert asyncio.run(collect("second")).text == world.caption(scenes[0])
+        assert async_engine.step_failures == 1 and eng.stats()["kv_blocks_used"] == 0
+    finally:
+        async_engine.shutdown()
