@@ -11,13 +11,14 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import msgspec
 from anyio import to_thread
 
 from app.errors import APIError
+from app.metrics import Metrics
 from app.runtime import ModelRuntime
 from app.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage,
                          Choice, ChunkChoice, Delta, ErrorBody, ErrorDetail, ImagePart, TextPart, Usage)
@@ -132,16 +133,16 @@ def _sse(payload: msgspec.Struct | dict) -> bytes:
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
 
-def _error_event(e: APIError) -> bytes:
-    """An error after the stream started: the status line is long gone, so it travels as an event."""
-    return _sse(ErrorBody(ErrorDetail(e.message, e.type, e.param, e.code)))
+UsageHook = Callable[[int], None]  # called once with a finished request's total tokens (quota charging)
 
 
 class ChatService:
-    def __init__(self, runtime: ModelRuntime, engine: AsyncEngine, settings: Settings) -> None:
+    def __init__(self, runtime: ModelRuntime, engine: AsyncEngine, settings: Settings,
+                 metrics: Metrics | None = None) -> None:
         self.runtime = runtime
         self.engine = engine
         self.settings = settings
+        self.metrics = metrics
         # One image encode at a time: torch already spreads one forward over every core.
         self._encode = threading.Lock()
 
@@ -186,17 +187,29 @@ class ChatService:
     # -- generation --------------------------------------------------------------------------------
     async def _outputs(self, prepared: PreparedChat, image: ImageInput) -> AsyncIterator[RequestOutput]:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        timer = self.metrics.generation_timer() if self.metrics else None
+        emitted = 0
         try:
             async for out in self.engine.generate(request_id, prepared.prompt, image, prepared.params):
+                if timer is not None and out.completion_tokens > emitted:
+                    timer.tokens(out.completion_tokens - emitted)
+                    emitted = out.completion_tokens
                 yield out
         except PromptRejected as e:
             raise _bad(str(e), "messages", "context_length_exceeded") from None
+
+    def _error_event(self, e: APIError) -> bytes:
+        """An error after the stream started: the status line is long gone, so it travels as an event
+        (and the metrics middleware, which saw a 200, hears of it here)."""
+        if self.metrics is not None:
+            self.metrics.record_failure(e.type, e.code)
+        return _sse(ErrorBody(ErrorDetail(e.message, e.type, e.param, e.code)))
 
     def _timeout(self) -> APIError:
         return APIError(504, f"the request took longer than {self.settings.request_timeout_s} s",
                         type="timeout_error", code="timeout")
 
-    async def complete(self, req: ChatCompletionRequest) -> ChatCompletion:
+    async def complete(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None) -> ChatCompletion:
         prepared = self.prepare(req)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
@@ -206,12 +219,15 @@ class ChatService:
                     final = out
         except TimeoutError:
             raise self._timeout() from None
+        if on_usage is not None:
+            on_usage(final.prompt_tokens + final.completion_tokens)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.runtime.name,
             choices=[Choice(0, AssistantMessage(final.text), final.finish_reason)],
             usage=Usage(final.prompt_tokens, final.completion_tokens, final.prompt_tokens + final.completion_tokens))
 
-    async def start_stream(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+    async def start_stream(self, req: ChatCompletionRequest,
+                           on_usage: UsageHook | None = None) -> AsyncIterator[bytes]:
         """Validate and encode the image now (errors become a 4xx before the first byte), then return
         the server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         prepared = self.prepare(req)
@@ -222,10 +238,10 @@ class ChatService:
                 image = await self.image_input(prepared)
         except TimeoutError:
             raise self._timeout() from None
-        return self._events(prepared, image, include_usage, deadline)
+        return self._events(prepared, image, include_usage, deadline, on_usage)
 
     async def _events(self, prepared: PreparedChat, image: ImageInput, include_usage: bool,
-                      deadline: float) -> AsyncIterator[bytes]:
+                      deadline: float, on_usage: UsageHook | None) -> AsyncIterator[bytes]:
         chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.runtime.name
 
         def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, choices=True) -> bytes:
@@ -241,9 +257,11 @@ class ChatService:
                     if out.delta_text or out.finished:
                         yield chunk(Delta(content=out.delta_text) if out.delta_text else Delta(), out.finish_reason)
         except TimeoutError:
-            yield _error_event(self._timeout())
+            yield self._error_event(self._timeout())
         except APIError as e:
-            yield _error_event(e)
+            yield self._error_event(e)
+        if on_usage is not None and final is not None:
+            on_usage(final.prompt_tokens + final.completion_tokens)
         if include_usage and final is not None:
             yield chunk(Delta(), usage=Usage(final.prompt_tokens, final.completion_tokens,
                                              final.prompt_tokens + final.completion_tokens), choices=False)

@@ -41,8 +41,7 @@ def _read_image(path: str, settings: Settings):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from app.lifecycle import serve
     from app.server import create_app
 
     settings = Settings.from_env(host=args.host, port=args.port, model=args.model)
@@ -53,12 +52,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("Caption the sample image (a ready-to-paste command):\n"
               f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d @{SAMPLE_REQUEST}",
               flush=True)
-    uvicorn.run(create_app(settings, runtime), host=settings.host, port=settings.port, log_level="warning")
+    serve(create_app(settings, runtime), settings)  # SIGTERM drains: /ready fails, requests in flight finish
+    return 0
+
+
+def cmd_caption_folder(args: argparse.Namespace, settings: Settings) -> int:
+    from app.caption_dir import CaptionJobError, caption_folder
+
+    if len(args.images) != 1 or not Path(args.images[0]).is_dir():
+        return _fail(f"--out captions one directory: mmserve caption DIR --out FILE (got {' '.join(args.images)})")
+    if args.batch_size < 1:
+        return _fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        summary = caption_folder(Path(args.images[0]), Path(args.out), lambda: _load_runtime(settings.model),
+                                 settings.intake_limits, recursive=args.recursive, batch_size=args.batch_size)
+    except CaptionJobError as e:
+        return _fail(str(e))
+    print(f"mmserve: {summary}", file=sys.stderr)
     return 0
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
     settings = Settings.from_env(model=args.model)
+    if args.out:
+        return cmd_caption_folder(args, settings)
     runtime = _load_runtime(settings.model)
     failed = 0
     for path in args.images:
@@ -107,9 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help=model_help)
     serve.set_defaults(func=cmd_serve)
 
-    caption = sub.add_parser("caption", help="caption image files")
-    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption = sub.add_parser("caption", help="caption image files, or a folder into a JSONL file (--out)")
+    caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or one DIR with --out")
     caption.add_argument("--json", action="store_true", help='one {"image", "caption"} object per line')
+    caption.add_argument("--out", default=None, metavar="FILE",
+                         help='caption every image in DIR into FILE, one {"image", "caption" | "error"} line per '
+                              'image (paths relative to DIR); rerun to resume where it stopped')
+    caption.add_argument("-r", "--recursive", action="store_true", help="with --out: include subfolders")
+    caption.add_argument("--batch-size", type=int, default=16, help="with --out: images per model call")
     caption.add_argument("--model", default=None, help=model_help)
     caption.set_defaults(func=cmd_caption)
 

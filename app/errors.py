@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 from litestar import Request, Response
+from litestar.types import Send
 from litestar.exceptions import HTTPException, ValidationException
 
 from app.schemas import ErrorBody, ErrorDetail
@@ -25,6 +27,17 @@ class APIError(Exception):
 def error_response(status: int, message: str, type: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None) -> Response:
     return Response(ErrorBody(ErrorDetail(message, type, param, code)), status_code=status, headers=headers)
+
+
+async def send_error(send: Send, status: int, message: str, type: str, code: str | None = None,
+                     headers: dict[str, str] | None = None) -> None:
+    """The same body, sent by ASGI middleware itself (auth, admission), so that the middleware around it
+    (metrics) sees an ordinary response rather than an exception."""
+    body = msgspec.json.encode(ErrorBody(ErrorDetail(message, type, None, code)))
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(name.lower().encode(), str(value).encode()) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _api_error(_: Request, exc: APIError) -> Response:

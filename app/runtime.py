@@ -89,6 +89,7 @@ class ModelRuntime:
             for l in labels]
         return torch.stack(latents)
 
+    @torch.inference_mode()
     def classify(self, features: ImageFeatures, labels: list[str]) -> list[tuple[str, float]]:
         """Zero-shot: softmax over the labels of the scaled cosine similarity, best first."""
         image = F.normalize(features.pooled.float(), dim=-1)

@@ -7,14 +7,17 @@ Environment variables are `MMSERVE_<FIELD>` in upper case (e.g. `MMSERVE_PORT=90
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
 from llm.engine import EngineConfig
+from vision.fetch import FetchPolicy, parse_allowed_hosts
 from vision.intake import IntakeLimits
+from vision.stage import VisionStageConfig, parse_visual_tokens
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo"
+DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "mmserve"  # the XDG data home; MMSERVE_DATA_DIR moves it
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +39,54 @@ class Settings:
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_num_batched_tokens: int = 1024  # tokens per step, prefill chunks and decodes together
     kv_dtype: str = ""  # "" = the model's dtype; "bfloat16" halves the pool
+    # The vision stage (vision/stage.py): remote images, encoder micro-batching, feature cache, token reduction.
+    remote_image_hosts: str = ""  # comma-separated allow-list ("*.example.com" = its subdomains); "" = no remote URLs
+    remote_image_timeout_s: float = 5.0  # one deadline for a remote image: DNS, connect, headers and body
+    remote_image_max_redirects: int = 3  # each hop is checked again (allow-list, public addresses only)
+    encoder_max_batch: int = 16  # images per vision-encoder forward
+    encoder_max_wait_ms: float = 5.0  # how long a forward waits for more images after the first
+    feature_cache_hot_bytes: int = 256 * 1024 * 1024  # in-process feature cache; 0 = none
+    feature_cache_dir: str = ""  # persistent feature cache, shared by a host's workers; "" = no disk tier
+    feature_cache_disk_bytes: int = 1024 * 1024 * 1024
+    visual_tokens: str = ""  # a request's default: "" = all of the model's tokens, "16" = 16, "0.25" = a quarter
+    visual_token_reduction: str = "tome"  # how tokens are reduced: pool (grid towers), tome or keep
+    # Service guards (app/auth.py, app/admission.py), embeddings, and the SIGTERM drain (app/lifecycle.py).
+    api_keys: str = field(default="", repr=False)  # comma-separated; none here or in the file: /v1/* is open
+    api_key_file: str = ""  # one key per line, '#' starts a comment
+    rate_limit_rpm: float = 600.0  # per key: token-bucket refill in requests per minute; 0 = no limit
+    rate_limit_burst: int = 60  # per key: requests allowed back to back
+    quota_tokens_per_day: int = 0  # per key, per UTC day; 0 = unlimited
+    max_concurrent_requests: int = 64  # model requests being processed at once
+    max_queued_requests: int = 256  # model requests waiting for a slot; past both, 429 at once
+    overload_retry_after_s: int = 1  # Retry-After on an overload 429
+    drain_timeout_s: float = 30.0  # after SIGTERM, the most time requests in flight get to finish
+    max_embedding_inputs: int = 64  # inputs per /v1/embeddings request
+    max_classify_labels: int = 256  # labels per /v1/classify request
+    # The staged router (app/router.py): stage-1 answers, policy refusals, and which model decodes.
+    router_enabled: bool = True  # off: no stage-1 answers, every request to router_small_model (policy still holds)
+    router_zero_shot_threshold: float = 0.9  # top zero-shot probability stage 1 needs to answer
+    router_min_intent_margin: float = 0.02  # cosine lead of "identification" over the next intent
+    router_policy_labels: str = ""  # comma-separated zero-shot labels that refuse the request
+    router_policy_threshold: float = 0.5  # probability at which a policy label fires
+    router_policy_message: str = "I can't help with this image: it shows something this service does not discuss."
+    router_small_model: str = ""  # "" = the first loaded model
+    router_large_model: str = ""  # "" = the first loaded model
+    router_large_intents: str = "description,other,out_of_domain"  # comma-separated, go to the large model
+    router_large_prompt_words: int = 32  # prompts this long or longer go to the large model
+    router_intent_cache_size: int = 4096  # prompts whose intent is remembered (LRU); 0 = embed every prompt
+    # Batch jobs (app/batches/): files, batches and per-line results in SQLite.
+    data_dir: Path = DEFAULT_DATA_DIR
+    batch_db: str = ""  # "" = data_dir / "batches.sqlite3"
+    max_file_bytes: int = 64 * 1024 * 1024  # one uploaded batch input file (POST /v1/files)
+    max_batch_requests: int = 50_000  # lines per batch input file (OpenAI's limit)
+    batch_concurrency: int = 4  # batch lines in flight at once; the engine's other slots stay for chat
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        for name in ("max_file_bytes", "max_batch_requests", "batch_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                      "default_max_tokens"):
             if getattr(self, name) <= 0:
@@ -49,6 +97,28 @@ class Settings:
             raise ValueError(f"setting port must be in 1..65535, got {self.port}")
         if self.threads < 0 or self.request_timeout_s <= 0:
             raise ValueError("settings threads must be >= 0 and request_timeout_s > 0")
+        for name, least in (("max_concurrent_requests", 1), ("max_queued_requests", 0), ("rate_limit_rpm", 0),
+                            ("rate_limit_burst", 1), ("quota_tokens_per_day", 0), ("overload_retry_after_s", 1),
+                            ("drain_timeout_s", 0), ("max_embedding_inputs", 1), ("max_classify_labels", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"setting {name} must be >= {least}, got {getattr(self, name)}")
+        for name in ("router_zero_shot_threshold", "router_policy_threshold", "router_min_intent_margin"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"setting {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.router_large_prompt_words < 1 or self.router_intent_cache_size < 0:
+            raise ValueError("settings router_large_prompt_words must be >= 1 and router_intent_cache_size >= 0, "
+                             f"got {self.router_large_prompt_words} and {self.router_intent_cache_size}")
+        for name, least in (("encoder_max_batch", 1), ("encoder_max_wait_ms", 0), ("remote_image_max_redirects", 0),
+                            ("feature_cache_hot_bytes", 0), ("feature_cache_disk_bytes", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"setting {name} must be >= {least}, got {getattr(self, name)}")
+        if self.remote_image_timeout_s <= 0:
+            raise ValueError(f"setting remote_image_timeout_s must be > 0, got {self.remote_image_timeout_s}")
+        try:  # the host list, the default visual_tokens and the reduction method, checked at start
+            self.vision_stage_config  # noqa: B018
+        except ValueError as error:
+            raise ValueError(f"vision settings (remote_image_hosts, visual_tokens, visual_token_reduction): "
+                             f"{error}") from None
 
     @property
     def engine_config(self) -> EngineConfig:
@@ -57,8 +127,21 @@ class Settings:
                             max_num_batched_tokens=self.max_num_batched_tokens, kv_dtype=self.kv_dtype or None)
 
     @property
+    def batch_db_path(self) -> Path:
+        return Path(self.batch_db) if self.batch_db else self.data_dir / "batches.sqlite3"
+
+    @property
     def intake_limits(self) -> IntakeLimits:
         return IntakeLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    @property
+    def vision_stage_config(self) -> VisionStageConfig:
+        fetch = FetchPolicy(parse_allowed_hosts(self.remote_image_hosts), self.remote_image_timeout_s,
+                            self.max_image_bytes, self.remote_image_max_redirects)
+        return VisionStageConfig(self.intake_limits, fetch, self.encoder_max_batch, self.encoder_max_wait_ms,
+                                 self.threads, self.feature_cache_hot_bytes, self.feature_cache_dir or None,
+                                 self.feature_cache_disk_bytes, parse_visual_tokens(self.visual_tokens),
+                                 self.visual_token_reduction)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -70,8 +153,18 @@ class Settings:
             if raw is not None:
                 kind = type(f.default)
                 try:
-                    values[f.name] = kind(raw)
+                    values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
                 except ValueError:
                     raise ValueError(f"MMSERVE_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def _parse_bool(raw: str) -> bool:
+    """bool("0") is True, so flags are read by name."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)

@@ -43,9 +43,11 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_step: Callable[[Engine, list[RequestOutput]], None] | None = None) -> None:
+    def __init__(self, engine: Engine, on_step: Callable[[Engine, list[RequestOutput]], None] | None = None,
+                 on_error: Callable[[Exception], None] | None = None) -> None:
         self.engine = engine
-        self._on_step = on_step  # metrics hook, called in the loop thread after each step
+        self._on_step = on_step  # metrics hooks, called in the loop thread after each step / failed step
+        self._on_error = on_error
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -109,6 +111,8 @@ class AsyncEngine:
             except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
                 self.step_failures += 1
                 log.exception("engine step failed; failing its requests")
+                if self._on_error is not None:
+                    self._on_error(e)
                 self._fail_all(e)
                 continue
             for out in outputs:

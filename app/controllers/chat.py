@@ -7,6 +7,7 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import Stream
 
+from app.auth import KeyAccess, api_key_of
 from app.chat import ChatService
 from app.schemas import ChatCompletion, ChatCompletionRequest
 
@@ -24,14 +25,19 @@ class ChatController(Controller):
 
     @post(status_code=200, summary="Create a chat completion over an image (stream=true: server-sent events)")
     async def create(self, data: JSONBody[ChatCompletionRequest], chat: NamedDependency[ChatService],
-                     request: Request) -> ChatCompletion | Stream:
+                     access: NamedDependency[KeyAccess], request: Request) -> ChatCompletion | Stream:
+        key = api_key_of(request)
+
+        def charge(tokens: int) -> None:
+            access.charge(key, tokens)
+
         if data.stream:
             # Litestar stops iterating when the client disconnects; closing the generator aborts the request.
             # (the content type goes in the headers: the handler's JSON media type would override media_type)
-            return Stream(await chat.start_stream(data),
+            return Stream(await chat.start_stream(data, on_usage=charge),
                           headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         # A client that hangs up on a non-streaming request aborts it too, freeing its KV blocks.
-        work = asyncio.ensure_future(chat.complete(data))
+        work = asyncio.ensure_future(chat.complete(data, on_usage=charge))
         gone = asyncio.ensure_future(_until_disconnect(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,0 +1,1 @@
+"""Batch jobs in OpenAI's Files + Batches shape, durable in SQLite (see store.py for the promise)."""

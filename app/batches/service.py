@@ -1,0 +1,160 @@
+"""What the Files and Batches controllers call: request validation, the store reached off the event loop
+(one dedicated thread, so one SQLite connection used by one thread at a time), and the worker's life.
+
+If the database cannot be opened (a read-only data dir, a newer schema), the server still starts and
+serves chat; the files and batches endpoints answer 503 naming the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from app.batches.input_file import InputFileError, parse_input_file
+from app.batches.schemas import (CHAT_ENDPOINT, COMPLETION_WINDOW, Batch, BatchList, CreateBatchRequest,
+                                 FileObject)
+from app.batches.store import BatchStore
+from app.batches.worker import BatchWorker, ChatCompleter
+from app.errors import APIError
+from app.settings import Settings
+
+log = logging.getLogger("mmserve")
+T = TypeVar("T")
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's metadata rules
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _not_found(what: str, ident: str, param: str | None = None) -> APIError:
+    return APIError(404, f"no {what} with id {ident!r}", type="not_found_error", param=param,
+                    code=f"{what}_not_found")
+
+
+class BatchService:
+    def __init__(self, settings: Settings, chat: ChatCompleter) -> None:
+        self.settings, self.chat = settings, chat
+        self.max_file_bytes = settings.max_file_bytes
+        self.store: BatchStore | None = None
+        self.worker: BatchWorker | None = None
+        self.unavailable: str | None = "batch storage is not open yet"
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="mmserve-batch-db")
+        self._worker_task: asyncio.Task | None = None
+
+    # -- life --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the store and start the worker, which resumes whatever a previous run left unfinished."""
+        path = self.settings.batch_db_path
+        try:
+            self.store = await self._off_loop(BatchStore, path)
+        except (OSError, sqlite3.Error) as e:
+            self.unavailable = f"batch storage at {path} is unavailable: {e}"
+            log.error("%s; the files and batches endpoints answer 503", self.unavailable)
+            return
+        self.unavailable = None
+        self.worker = BatchWorker(self.store, self._off_loop, self.chat, self.settings.batch_concurrency,
+                                  self.settings.max_batch_requests)
+        self._worker_task = asyncio.create_task(self.worker.run(), name="mmserve-batch-worker")
+
+    async def stop(self) -> None:
+        """Lines in flight are abandoned unanswered: they stay pending and run again at the next start."""
+        if self._worker_task is not None:
+            self._worker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker_task
+        if self.store is not None:
+            await self._off_loop(self.store.close)  # after any store call in progress
+        self._thread.shutdown(wait=False)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _store(self) -> BatchStore:
+        if self.store is None:
+            raise APIError(503, self.unavailable or "batch storage is unavailable", type="server_error",
+                           code="batch_storage_unavailable")
+        return self.store
+
+    # -- files -------------------------------------------------------------------------------------
+    async def upload(self, filename: str, purpose: str, content: bytes) -> FileObject:
+        store = self._store()
+        if purpose != "batch":
+            raise _bad(f"purpose must be 'batch' (files here are batch inputs), got {purpose!r}", "purpose")
+        if len(content) > self.max_file_bytes:
+            raise APIError(413, f"the file is over the limit of {self.max_file_bytes} bytes "
+                           f"(setting max_file_bytes)", param="file", code="file_too_large")
+        try:
+            await asyncio.to_thread(parse_input_file, content, self.settings.max_batch_requests)
+        except InputFileError as e:
+            raise _bad(f"invalid batch input file: {e}", "file", "invalid_input_file") from None
+        return await self._off_loop(store.add_file, filename, purpose, content)
+
+    async def get_file(self, file_id: str) -> FileObject:
+        file = await self._off_loop(self._store().get_file, file_id)
+        if file is None:
+            raise _not_found("file", file_id)
+        return file
+
+    async def file_content(self, file_id: str) -> bytes:
+        content = await self._off_loop(self._store().file_content, file_id)
+        if content is None:
+            raise _not_found("file", file_id)
+        return content
+
+    # -- batches -----------------------------------------------------------------------------------
+    async def create_batch(self, request: CreateBatchRequest) -> Batch:
+        store = self._store()
+        if request.endpoint != CHAT_ENDPOINT:
+            raise _bad(f"endpoint must be {CHAT_ENDPOINT!r}, the one endpoint batches run here; got "
+                       f"{request.endpoint!r}", "endpoint", "unsupported_endpoint")
+        if request.completion_window != COMPLETION_WINDOW:
+            raise _bad(f"completion_window must be {COMPLETION_WINDOW!r}, got {request.completion_window!r}",
+                       "completion_window")
+        _check_metadata(request.metadata)
+        file = await self._off_loop(store.get_file, request.input_file_id)
+        if file is None:
+            raise _not_found("file", request.input_file_id, "input_file_id")
+        if file.purpose != "batch":
+            raise _bad(f"file {file.id!r} has purpose {file.purpose!r}; a batch reads a file uploaded with "
+                       f"purpose 'batch'", "input_file_id")
+        batch = await self._off_loop(store.add_batch, request)
+        self.worker.wake()
+        return batch
+
+    async def get_batch(self, batch_id: str) -> Batch:
+        batch = await self._off_loop(self._store().get_batch, batch_id)
+        if batch is None:
+            raise _not_found("batch", batch_id)
+        return batch
+
+    async def list_batches(self, limit: int, after: str | None) -> BatchList:
+        if not 1 <= limit <= 100:
+            raise _bad(f"limit must be in 1..100, got {limit}", "limit")
+        page, has_more = await self._off_loop(self._store().list_batches, limit, after)
+        return BatchList(page, page[0].id if page else None, page[-1].id if page else None, has_more)
+
+    async def cancel(self, batch_id: str) -> Batch:
+        batch = await self._off_loop(self._store().request_cancel, batch_id)
+        if batch is None:
+            raise _not_found("batch", batch_id)
+        if batch.status not in ("cancelling", "cancelled"):
+            raise APIError(409, f"batch {batch_id!r} is {batch.status}; only a validating or in-progress "
+                           f"batch can be cancelled", code="batch_not_cancellable")
+        self.worker.wake()
+        return batch
+
+
+def _check_metadata(metadata: dict[str, str] | None) -> None:
+    if not metadata:
+        return
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise _bad(f"metadata holds {len(metadata)} pairs; at most {MAX_METADATA_PAIRS} are allowed", "metadata")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise _bad(f"metadata keys are at most {MAX_METADATA_KEY} characters and values at most "
+                       f"{MAX_METADATA_VALUE}; {key[:MAX_METADATA_KEY]!r} is over", "metadata")

@@ -1,0 +1,160 @@
+"""The batch worker: one task, started by the app's lifespan, that takes the oldest unfinished batch and
+moves it along — validating -> in_progress -> finalizing -> completed, or cancelling -> cancelled —
+then the next. Every state is in the store, so a restarted server picks up where the killed one
+stopped: lines already answered stay answered, the others run.
+
+At most `batch_concurrency` lines of a batch are in flight at once, so a big batch leaves the engine's
+other slots to interactive chat. A line is answered by the same `ChatService.complete` that serves
+POST /v1/chat/completions; a request it refuses (APIError, a bad image, a context overflow) becomes an
+error line with the status and body that request would have got on its own, and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Awaitable, Callable, Protocol, TypeVar
+
+import msgspec
+
+from app.batches.input_file import InputFileError, decode_body, parse_input_file
+from app.batches.schemas import Batch, BatchError, BatchStatus, LineResponse, OutputLine
+from app.batches.store import BatchStore
+from app.errors import EXCEPTION_HANDLERS
+from app.schemas import ChatCompletion, ChatCompletionRequest, ErrorBody, ErrorDetail
+
+log = logging.getLogger("mmserve")
+T = TypeVar("T")
+OffLoop = Callable[..., Awaitable[T]]  # runs a blocking store call on the database thread
+RETRY_AFTER_STORE_ERROR_S = 5.0
+
+
+class ChatCompleter(Protocol):
+    async def complete(self, req: ChatCompletionRequest) -> ChatCompletion: ...
+
+
+def error_of(exc: Exception) -> tuple[int, ErrorBody]:
+    """The status and error body POST /v1/chat/completions answers the same failure with."""
+    if isinstance(exc, msgspec.DecodeError):
+        return 400, ErrorBody(ErrorDetail(f"invalid request body: {exc}", "invalid_request_error", "body"))
+    for kind in type(exc).__mro__:
+        if kind is Exception:
+            break
+        if kind in EXCEPTION_HANDLERS:  # the HTTP handlers for request errors never look at the request
+            response = EXCEPTION_HANDLERS[kind](None, exc)
+            return response.status_code, response.content
+    log.error("batch request failed", exc_info=exc)
+    return 500, ErrorBody(ErrorDetail("internal server error", "server_error"))
+
+
+class BatchWorker:
+    def __init__(self, store: BatchStore, off_loop: OffLoop, chat: ChatCompleter, concurrency: int,
+                 max_requests: int) -> None:
+        self.store, self.db, self.chat = store, off_loop, chat
+        self.concurrency, self.max_requests = concurrency, max_requests
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Something changed in the store (a new batch, a cancel): look again."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()  # before looking, so a wake() during the look is not lost
+            batch: Batch | None = None
+            try:
+                batch = await self.db(self.store.next_active_batch)
+                if batch is None:
+                    await self._wake.wait()
+                    continue
+                await self._advance(batch)
+            except Exception as e:  # noqa: BLE001 - the worker outlives any one batch
+                log.exception("batch worker: %s failed", batch.id if batch else "looking for work")
+                await self._give_up_on(batch, e)
+
+    async def _advance(self, batch: Batch) -> None:
+        if batch.status == "validating":
+            await self._validate(batch)
+        elif batch.status == "in_progress":
+            cancelled = await self._run_lines(batch.id)
+            if not cancelled and await self.db(self.store.pending_lines, batch.id, 0, 1):
+                return  # a line came back unanswered: the next pass runs it; completed means all answered
+            if cancelled or not await self.db(self.store.move, batch.id, ("in_progress",), "finalizing"):
+                await self.db(self.store.finalize, batch.id, "cancelling", "cancelled")
+            else:
+                await self.db(self.store.finalize, batch.id, "finalizing", "completed")
+        elif batch.status == "finalizing":
+            await self.db(self.store.finalize, batch.id, "finalizing", "completed")
+        elif batch.status == "cancelling":
+            await self.db(self.store.finalize, batch.id, "cancelling", "cancelled")
+
+    async def _validate(self, batch: Batch) -> None:
+        content = await self.db(self.store.file_content, batch.input_file_id)
+        try:
+            if content is None:
+                raise InputFileError(f"input file {batch.input_file_id!r} no longer exists")
+            # Parsing a large file takes a while: off the loop, and off the database thread too.
+            lines = await asyncio.to_thread(parse_input_file, content, self.max_requests, batch.endpoint)
+        except InputFileError as e:
+            await self.db(self.store.fail_batch, batch.id, [BatchError("invalid_input_file", str(e), line=e.line)])
+            return
+        await self.db(self.store.start_batch, batch.id, lines)  # False: cancelled meanwhile; the loop sees it
+
+    async def _run_lines(self, batch_id: str) -> bool:
+        """Answer the batch's pending lines, `concurrency` at a time; True if a cancel stopped it.
+        Lines already in flight when the cancel is seen still finish and keep their answers."""
+        slots = asyncio.Semaphore(self.concurrency)
+        cancelled = False
+
+        async def run_one(line_no: int, custom_id: str, body: bytes) -> None:
+            nonlocal cancelled
+            try:
+                status_code, result = await self._answer(custom_id, body)
+                status: BatchStatus = await self.db(self.store.record_line, batch_id, line_no, status_code, result)
+                cancelled = cancelled or status != "in_progress"
+            finally:
+                slots.release()
+
+        after = 0
+        async with asyncio.TaskGroup() as lines:
+            while not cancelled:
+                page = await self.db(self.store.pending_lines, batch_id, after, 4 * self.concurrency)
+                if not page:
+                    break
+                for line_no, custom_id, body in page:
+                    await slots.acquire()
+                    if cancelled:
+                        slots.release()
+                        break
+                    lines.create_task(run_one(line_no, custom_id, body))
+                after = page[-1][0]
+        return cancelled
+
+    async def _answer(self, custom_id: str, body: bytes) -> tuple[int, bytes]:
+        request_id = f"req_{uuid.uuid4().hex}"
+        try:
+            response = LineResponse(200, request_id, await self.chat.complete(decode_body(body)))
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # the worker is stopping: the line stays pending
+            # cancelled inside the chat service, not by us: an answer still, so the line is not rerun for ever
+            response = LineResponse(503, request_id, ErrorBody(ErrorDetail(
+                "the request was cancelled inside the server", "server_error", code="request_cancelled")))
+        except Exception as e:  # noqa: BLE001 - one bad request is an error line, never the end of the batch
+            status_code, error = error_of(e)
+            response = LineResponse(status_code, request_id, error)
+        line = OutputLine(f"batch_req_{uuid.uuid4().hex}", custom_id, response, None)
+        return response.status_code, msgspec.json.encode(line)
+
+    async def _give_up_on(self, batch: Batch | None, exc: Exception) -> None:
+        """An unexpected failure (not a bad request: those are error lines). Mark the batch failed so the
+        worker moves on; if even that fails the store is in trouble (disk full, locked): wait, retry."""
+        if batch is not None:
+            try:
+                await self.db(self.store.fail_batch, batch.id,
+                              [BatchError("internal_error", f"the batch stopped on an internal error: {exc}")])
+                return
+            except Exception:  # noqa: BLE001
+                log.exception("batch worker: could not mark %s failed", batch.id)
+        await asyncio.sleep(RETRY_AFTER_STORE_ERROR_S)

@@ -1,0 +1,106 @@
+"""A real mmserve server process on loopback whose vision tower takes `DELAY_S` longer per call, so that
+overload and drain tests can hold requests in flight for a known time:
+
+    python -m tests.slow_server PORT DELAY_S [STEP_DELAY_S]       (settings from MMSERVE_* as usual)
+
+Everything else is the real thing: create_app, the middleware, uvicorn via app.lifecycle.serve.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from app.runtime import ModelRuntime
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class SlowRuntime(ModelRuntime):
+    delay_s = 0.0
+    step_delay_s = 0.0  # added to every engine step, so a stream stays open long enough to leave it
+
+    def encode_images(self, images):
+        time.sleep(self.delay_s)
+        return super().encode_images(images)
+
+    def new_engine(self, config):
+        engine = super().new_engine(config)
+        run, delay = engine.runner.run, self.step_delay_s
+
+        def slow_run(output):
+            if output.chunks and delay:
+                time.sleep(delay)
+            return run(output)
+
+        engine.runner.run = slow_run
+        return engine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def image_url(colour=(200, 40, 40)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@contextmanager
+def running_server(delay_s: float, env: dict[str, str], ready_within_s: float = 90,
+                   step_delay_s: float = 0.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start the server, wait until /ready answers 200, yield (base URL, process); kill it if still up."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.slow_server", str(port), str(delay_s), str(step_delay_s)],
+                            cwd=REPO,
+                            env={**os.environ, "MMSERVE_THREADS": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_within_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            proc.kill()
+            raise RuntimeError("server did not become ready:\n" + (proc.stdout.read() if proc.stdout else ""))
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def main(argv: list[str]) -> None:
+    from app.lifecycle import serve
+    from app.server import create_app
+    from app.settings import Settings
+
+    port, delay_s = int(argv[0]), float(argv[1])
+    settings = Settings.from_env(port=port)
+    runtime = SlowRuntime.from_dir(settings.model)
+    runtime.delay_s = delay_s
+    runtime.step_delay_s = float(argv[2]) if len(argv) > 2 else 0.0
+    serve(create_app(settings, runtime), settings)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

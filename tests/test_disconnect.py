@@ -1,0 +1,60 @@
+"""A client that leaves mid-stream, or hangs up on a non-streaming request, aborts its request: the
+engine's running count and KV-pool usage (as /metrics reports them) return to baseline within 2 s,
+long before the generation would have ended on its own."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.slow_server import image_url, running_server
+
+STEP_DELAY_S = 0.3  # a demo caption is ~10 steps: ~3 s if left to finish
+
+
+def gauge(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def wait_for_baseline(base: str, timeout_s: float = 2.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if gauge(base, "mmserve_running_requests") == 0 and gauge(base, "mmserve_kv_cache_usage_ratio") == 0:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"not back to baseline within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(0.0, {}, step_delay_s=STEP_DELAY_S) as (base, _):
+        yield base
+
+
+BODY = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url()}},
+                                                  {"type": "text", "text": "describe the image."}]}]}
+
+
+def test_leaving_a_stream_frees_the_request_at_once(server):
+    assert wait_for_baseline(server) >= 0
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**BODY, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200
+        contents = 0
+        for line in r.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                contents += 1
+                if contents == 2:
+                    break
+        assert gauge(server, "mmserve_running_requests") == 1 and gauge(server, "mmserve_kv_cache_usage_ratio") > 0
+    assert wait_for_baseline(server) < 2 * STEP_DELAY_S + 0.5
+
+
+def test_hanging_up_on_a_non_streaming_request_aborts_it(server):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/chat/completions", json=BODY, timeout=1.0)  # leaves after ~3 steps
+    assert wait_for_baseline(server) < 2 * STEP_DELAY_S + 0.5
+    ok = httpx.post(f"{server}/v1/chat/completions", json=BODY, timeout=30)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "stop"
