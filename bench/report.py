@@ -40,14 +40,18 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def publish(name: str, command: str, summary: dict, sections: list[tuple[str, str]], write_md: bool = True) -> None:
+def publish(name: str, command: str, summary: dict, sections: list[tuple[str, str]], write_md: bool = True,
+            details: dict | None = None) -> None:
     """Print the sections, write results/<name>.json, replace this benchmark's section of RESULTS.md,
-    and print `summary` as one JSON line, last (what scripts and CI read)."""
+    and print `summary` as one JSON line, last (what scripts and CI read). `details` (every row behind
+    the summary) goes to the JSON file only."""
     for title, body in sections:
         print(f"\n## {title}\n{body}")
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     record = {"benchmark": name, "command": command, "when": stamp, "machine": machine(), "summary": summary}
+    if details is not None:
+        record["details"] = details
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     if write_md:
         _update_results_md(name, command, stamp, summary, sections)
