@@ -8,7 +8,6 @@ closes the engine stream, which aborts the request and frees its KV blocks."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +18,7 @@ from anyio import to_thread
 
 from app.errors import APIError
 from app.metrics import Metrics
+from app.router import RouteDecision, StagedRouter, route_turns
 from app.runtime import ModelRuntime
 from app.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage,
                          Choice, ChunkChoice, Delta, ErrorBody, ErrorDetail, ImagePart, TextPart, Usage)
@@ -26,10 +26,9 @@ from app.settings import Settings
 from llm.async_engine import AsyncEngine
 from llm.chat_format import CAPTION_QUESTION, Turn
 from llm.engine import ImageInput, RequestOutput
-from llm.generate import tensor_digest
 from llm.sampling import SamplingParams
 from llm.scheduler import PromptRejected
-from vision.intake import load_image
+from vision.stage import VisionStage, VisualTokensError
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -111,22 +110,27 @@ def conversation(messages: list[ChatMessage], max_images: int) -> tuple[list[Tur
     return turns, images
 
 
-def _visual_tokens(value: int | float | None) -> int | float | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0 < value <= 1:
-        raise _bad(f"visual_tokens must be a count >= 1 or a ratio in (0, 1], got {value}", "visual_tokens")
-    return value
-
-
 @dataclass(frozen=True)
 class PreparedChat:
     """A validated request, ready for the engine."""
 
     prompt: list[int]
+    turns: list[Turn]
     image_source: str
     params: SamplingParams
     visual_tokens: int | float | None
+
+
+@dataclass(frozen=True)
+class Routed:
+    """The request's image as the engine takes it, and what the staged router decided."""
+
+    image: ImageInput
+    decision: RouteDecision | None
+
+    @property
+    def route(self) -> str:
+        return self.decision.route if self.decision is not None else "decoder"
 
 
 def _sse(payload: msgspec.Struct | dict) -> bytes:
@@ -137,14 +141,14 @@ UsageHook = Callable[[int], None]  # called once with a finished request's total
 
 
 class ChatService:
-    def __init__(self, runtime: ModelRuntime, engine: AsyncEngine, settings: Settings,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, runtime: ModelRuntime, engine: AsyncEngine, vision: VisionStage, settings: Settings,
+                 metrics: Metrics | None = None, router: StagedRouter | None = None) -> None:
         self.runtime = runtime
         self.engine = engine
+        self.vision = vision
         self.settings = settings
         self.metrics = metrics
-        # One image encode at a time: torch already spreads one forward over every core.
-        self._encode = threading.Lock()
+        self.router = router
 
     # -- validation --------------------------------------------------------------------------------
     def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
@@ -172,20 +176,39 @@ class ChatService:
                        f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, {max_tokens} in the "
                        f"completion). Please reduce the length of the messages or the completion.",
                        param, "context_length_exceeded")
-        return PreparedChat(prompt, images[0], sampling_params(req, max_tokens), _visual_tokens(req.visual_tokens))
+        return PreparedChat(prompt, turns, images[0], sampling_params(req, max_tokens), req.visual_tokens)
 
-    # -- the image ---------------------------------------------------------------------------------
-    def _encode_image(self, source: str) -> ImageInput:
-        image = load_image(source, self.settings.intake_limits)
-        with self._encode:
-            features = self.runtime.encode_images([image])[0]
-        return ImageInput(tensor_digest(features.tokens), features.tokens)
+    # -- the image and the route ---------------------------------------------------------------------
+    def _resolve(self, prepared: PreparedChat, tenant: str | None) -> Routed:
+        """Blocking (run off the loop): features from the vision stage's cache or encoder, then the
+        staged router's decision."""
+        try:
+            result = self.vision.features(prepared.image_source, prepared.visual_tokens, tenant)
+        except VisualTokensError as e:
+            raise _bad(str(e), "visual_tokens", e.code) from None
+        if self.metrics is not None:
+            self.metrics.record_feature_cache("hot", result.source == "hot")
+            if result.source != "hot":
+                self.metrics.record_feature_cache("disk", result.source == "disk")
+        decision = None
+        if self.router is not None:
+            decision = route_turns(self.router, result.features, prepared.turns)
+            if self.metrics is not None:
+                self.metrics.record_route(decision.route)
+        return Routed(ImageInput(result.key, result.features.tokens), decision)
 
-    async def image_input(self, prepared: PreparedChat) -> ImageInput:
-        return await to_thread.run_sync(self._encode_image, prepared.image_source)
+    async def resolve(self, prepared: PreparedChat, tenant: str | None) -> Routed:
+        return await to_thread.run_sync(self._resolve, prepared, tenant)
 
     # -- generation --------------------------------------------------------------------------------
-    async def _outputs(self, prepared: PreparedChat, image: ImageInput) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, prepared: PreparedChat, routed: Routed) -> AsyncIterator[RequestOutput]:
+        decision = routed.decision
+        if decision is not None and decision.finished:  # stage 1 answered: no decoder
+            completion = len(self.runtime.tokenizer.encode(decision.answer)) + 1  # and the end token
+            yield RequestOutput("stage1", decision.answer, decision.answer, True, "stop", (), len(prepared.prompt),
+                                completion, 0)
+            return
+        image = routed.image
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         timer = self.metrics.generation_timer() if self.metrics else None
         emitted = 0
@@ -209,13 +232,15 @@ class ChatService:
         return APIError(504, f"the request took longer than {self.settings.request_timeout_s} s",
                         type="timeout_error", code="timeout")
 
-    async def complete(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None) -> ChatCompletion:
+    async def complete(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
+                       tenant: str | None = None) -> tuple[ChatCompletion, str]:
+        """-> (the completion, the route that answered it)."""
         prepared = self.prepare(req)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                image = await self.image_input(prepared)
+                routed = await self.resolve(prepared, tenant)
                 final = None
-                async for out in self._outputs(prepared, image):
+                async for out in self._outputs(prepared, routed):
                     final = out
         except TimeoutError:
             raise self._timeout() from None
@@ -224,23 +249,24 @@ class ChatService:
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.runtime.name,
             choices=[Choice(0, AssistantMessage(final.text), final.finish_reason)],
-            usage=Usage(final.prompt_tokens, final.completion_tokens, final.prompt_tokens + final.completion_tokens))
+            usage=Usage(final.prompt_tokens, final.completion_tokens, final.prompt_tokens + final.completion_tokens)
+        ), routed.route
 
-    async def start_stream(self, req: ChatCompletionRequest,
-                           on_usage: UsageHook | None = None) -> AsyncIterator[bytes]:
-        """Validate and encode the image now (errors become a 4xx before the first byte), then return
-        the server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    async def start_stream(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
+                           tenant: str | None = None) -> tuple[AsyncIterator[bytes], str]:
+        """Validate, get the image's features and route now (errors become a 4xx before the first
+        byte); -> (the server-sent events in OpenAI's chunk format ending with `data: [DONE]`, the route)."""
         prepared = self.prepare(req)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         try:
             async with asyncio.timeout_at(deadline):
-                image = await self.image_input(prepared)
+                routed = await self.resolve(prepared, tenant)
         except TimeoutError:
             raise self._timeout() from None
-        return self._events(prepared, image, include_usage, deadline, on_usage)
+        return self._events(prepared, routed, include_usage, deadline, on_usage), routed.route
 
-    async def _events(self, prepared: PreparedChat, image: ImageInput, include_usage: bool,
+    async def _events(self, prepared: PreparedChat, routed: Routed, include_usage: bool,
                       deadline: float, on_usage: UsageHook | None) -> AsyncIterator[bytes]:
         chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.runtime.name
 
@@ -252,7 +278,7 @@ class ChatService:
         final = None
         try:
             async with asyncio.timeout_at(deadline):
-                async for out in self._outputs(prepared, image):
+                async for out in self._outputs(prepared, routed):
                     final = out
                     if out.delta_text or out.finished:
                         yield chunk(Delta(content=out.delta_text) if out.delta_text else Delta(), out.finish_reason)

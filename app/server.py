@@ -31,7 +31,9 @@ from app.lifecycle import Readiness, warm_up
 from app.metrics import Metrics, MetricsMiddleware
 from app.errors import EXCEPTION_HANDLERS
 from app.runtime import ModelRuntime
+from app.router import StagedRouter
 from app.settings import Settings
+from vision.stage import VisionStage
 from llm.async_engine import AsyncEngine
 
 
@@ -57,7 +59,9 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> Lites
         metrics.bind_engine(engine.engine.stats)
         engine.start()
         app.state.engine = engine
-        app.state.chat = ChatService(loaded, engine, settings, metrics)
+        vision = VisionStage(loaded.encoder, settings.vision_stage_config)
+        router = StagedRouter.build(settings, loaded)
+        app.state.chat = ChatService(loaded, engine, vision, settings, metrics, router)
         app.state.started_at = int(time.time())
         app.state.embeddings = EmbeddingService(loaded, settings)
         warming = asyncio.create_task(warm_up(readiness, app.state.chat, app.state.embeddings))
@@ -69,6 +73,7 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> Lites
             warming.cancel()
             await app.state.batches.stop()  # before the engine: lines in flight stay pending, rerun next start
             engine.shutdown()
+            vision.close()
 
     def provide_runtime(state: State) -> ModelRuntime:
         return state.runtime

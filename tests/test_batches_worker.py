@@ -29,7 +29,7 @@ class ScriptedChat:
         if open_gate:
             self.gate.set()
 
-    async def complete(self, req: ChatCompletionRequest) -> ChatCompletion:
+    async def complete(self, req: ChatCompletionRequest) -> tuple[ChatCompletion, str]:
         text = req.messages[0].content
         self.seen.append(text)
         self.active += 1
@@ -45,7 +45,7 @@ class ScriptedChat:
             if text.startswith("vanish"):
                 raise asyncio.CancelledError  # as an engine that aborts a request on its own might
             answer = Choice(0, AssistantMessage(self.prefix + text), "stop")
-            return ChatCompletion("chatcmpl-x", 0, "scripted", [answer], Usage(1, 1, 2))
+            return ChatCompletion("chatcmpl-x", 0, "scripted", [answer], Usage(1, 1, 2)), "decoder:scripted"
         finally:
             self.active -= 1
 

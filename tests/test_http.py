@@ -183,3 +183,31 @@ def test_sampling_options_are_honoured(client):
     assert text(stop=["triangle"]) == "a large green "  # everything before the stop string
     r = chat(client, [user("describe the image.")], stop=["triangle"])
     assert r.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_every_answer_names_its_route_and_identification_is_answered_by_stage_1(client):
+    one = data_url(render(Scene("white", [Obj("circle", "red", "large", 64.0, 64.0, 52)])))
+    r = chat(client, [user("what is this?", url=one)])
+    assert r.status_code == 200 and r.headers["x-mmserve-route"] == "stage1"
+    assert r.json()["choices"][0]["message"]["content"] == "circle"
+    r = chat(client, [user("describe the image.", url=one)])
+    assert r.headers["x-mmserve-route"].startswith("decoder:")
+    assert r.json()["choices"][0]["message"]["content"] == "a large red circle"
+    streamed = chat(client, [user("what is this?", url=one)], stream=True)
+    assert streamed.headers["x-mmserve-route"] == "stage1"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in sse_events(streamed)[:-1])
+    assert text == "circle"
+
+
+def test_repeated_image_is_a_feature_cache_hit_and_visual_tokens_reduce(client):
+    def hot_hits():
+        line = next(l for l in client.get("/metrics").text.splitlines()
+                    if l.startswith('mmserve_feature_cache_hits_total{tier="hot"}'))
+        return float(line.split()[-1])
+    url = data_url(render(Scene("gray", [Obj("square", "blue", "small", 40.0, 40.0, 24)])))
+    before = hot_hits()
+    first = chat(client, [user("describe the image.", url=url)]).json()["choices"][0]["message"]["content"]
+    again = chat(client, [user("describe the image.", url=url)]).json()["choices"][0]["message"]["content"]
+    assert first == again == "a small blue square" and hot_hits() == before + 1
+    reduced = chat(client, [user("describe the image.", url=url)], visual_tokens=32)
+    assert reduced.status_code == 200 and reduced.json()["choices"][0]["message"]["content"]

@@ -5,6 +5,8 @@ the pixel cap from the header before any pixel is decoded (a 20000 x 20000 PNG i
 wire and 1.2 GB in memory). Pillow's own bomb guard (89 Mpx warning, 179 Mpx error) is far too high
 for a service, so we set ours. Animated images (GIF, APNG, animated WEBP) are served by their first
 frame: that is what a user who sends a GIF to an image model expects, and it costs one frame.
+A URL (any `scheme:` but `data:`) is refused unless the caller passes a fetcher (vision/fetch.py,
+allow-listed remote fetch, off by default), which itself refuses every scheme but http(s).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)
+_URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
 _MIME_TO_FORMAT = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
                    "image/gif": "GIF"}
 
@@ -136,12 +140,24 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     return image.convert("RGB")
 
 
-def load_image(source: str | bytes, limits: IntakeLimits) -> Image.Image:
-    """bytes, a `data:` URL or bare base64 -> RGB image."""
+def source_bytes(source: str | bytes, limits: IntakeLimits,
+                 fetch: Callable[[str], bytes] | None = None) -> bytes:
+    """bytes, a `data:` URL, bare base64 or (only with `fetch`, see vision/fetch.py) an http(s) URL ->
+    the image's raw encoded bytes, size-checked, not decoded: what the feature cache's key hashes."""
     if isinstance(source, (bytes, bytearray)):
-        return open_image(bytes(source), limits)
+        _check_size(len(source), limits)
+        return bytes(source)
     if source[:5].lower() == "data:":
-        return open_image(bytes_from_data_url(source, limits), limits)
-    if source[:8].lower().startswith(("http://", "https://", "file:")):
-        raise UnsupportedImageFormat("remote image URLs are disabled; send the image as a data: URL")
-    return open_image(decode_base64(source, limits), limits)
+        return bytes_from_data_url(source, limits)
+    if _URL_SCHEME.match(source):  # a scheme: ':' is not in the base64 alphabet
+        if fetch is None:
+            raise UnsupportedImageFormat("remote image URLs are disabled; send the image as a data: URL")
+        data = fetch(source)  # which refuses every scheme but http(s), file: included
+        _check_size(len(data), limits)
+        return data
+    return decode_base64(source, limits)
+
+
+def load_image(source: str | bytes, limits: IntakeLimits, fetch: Callable[[str], bytes] | None = None) -> Image.Image:
+    """bytes, a `data:` URL, bare base64 or (with `fetch`) an http(s) URL -> RGB image."""
+    return open_image(source_bytes(source, limits, fetch), limits)

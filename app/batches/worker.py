@@ -134,7 +134,7 @@ class BatchWorker:
     async def _answer(self, custom_id: str, body: bytes) -> tuple[int, bytes]:
         request_id = f"req_{uuid.uuid4().hex}"
         try:
-            response = LineResponse(200, request_id, await self.chat.complete(decode_body(body)))
+            response = LineResponse(200, request_id, (await self.chat.complete(decode_body(body)))[0])
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise  # the worker is stopping: the line stays pending

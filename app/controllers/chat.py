@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
-from litestar import Controller, Request, post
+from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import Stream
@@ -10,6 +11,9 @@ from litestar.response import Stream
 from app.auth import KeyAccess, api_key_of
 from app.chat import ChatService
 from app.schemas import ChatCompletion, ChatCompletionRequest
+
+
+ROUTE_HEADER = "x-mmserve-route"  # which route answered: stage1, policy or decoder:<model>
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -25,8 +29,10 @@ class ChatController(Controller):
 
     @post(status_code=200, summary="Create a chat completion over an image (stream=true: server-sent events)")
     async def create(self, data: JSONBody[ChatCompletionRequest], chat: NamedDependency[ChatService],
-                     access: NamedDependency[KeyAccess], request: Request) -> ChatCompletion | Stream:
+                     access: NamedDependency[KeyAccess], request: Request) -> Response[ChatCompletion] | Stream:
         key = api_key_of(request)
+        # Tenants never share cached image features (a cache hit would tell one what another sent).
+        tenant = hashlib.sha256(key.encode()).hexdigest() if key else None
 
         def charge(tokens: int) -> None:
             access.charge(key, tokens)
@@ -34,10 +40,11 @@ class ChatController(Controller):
         if data.stream:
             # Litestar stops iterating when the client disconnects; closing the generator aborts the request.
             # (the content type goes in the headers: the handler's JSON media type would override media_type)
-            return Stream(await chat.start_stream(data, on_usage=charge),
-                          headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            events, route = await chat.start_stream(data, on_usage=charge, tenant=tenant)
+            return Stream(events, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           ROUTE_HEADER: route})
         # A client that hangs up on a non-streaming request aborts it too, freeing its KV blocks.
-        work = asyncio.ensure_future(chat.complete(data, on_usage=charge))
+        work = asyncio.ensure_future(chat.complete(data, on_usage=charge, tenant=tenant))
         gone = asyncio.ensure_future(_until_disconnect(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -47,4 +54,5 @@ class ChatController(Controller):
                 work.cancel()
         if gone.done() and not work.done():
             raise asyncio.CancelledError  # nobody to answer
-        return work.result()
+        completion, route = work.result()
+        return Response(completion, headers={ROUTE_HEADER: route})
