@@ -108,7 +108,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from demo.train import TrainCfg, train
 
-    result = train(TrainCfg(out=Path(args.out), steps=args.steps, seed=args.seed))
+    result = train(TrainCfg(out=Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr,
+                            images=args.images, init=Path(args.init) if args.init else None,
+                            reduce_share=args.reduce_share))
     print(f"mmserve: trained in {result['minutes']:.1f} min; checkpoint in {result['out']}")
     return 0
 
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=str(BUNDLED_MODEL))
     train.add_argument("--steps", type=int, default=6000)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--images", type=int, default=48_000, help="pre-rendered training images")
+    train.add_argument("--init", default=None, metavar="DIR", help="fine-tune this checkpoint")
+    train.add_argument("--reduce-share", type=float, default=0.0,
+                       help="share of batches trained on reduced visual tokens (1/2, 1/4, 1/8; keep and tome)")
     train.set_defaults(func=cmd_train_demo)
     return parser
 

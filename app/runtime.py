@@ -5,6 +5,7 @@ The CLI and the HTTP app both drive this object; it holds no request state.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,11 @@ class ModelRuntime:
     def context_length(self) -> int:
         return self.decoder.cfg.context_length
 
-    def new_engine(self, config: EngineConfig) -> Engine:
-        """A long-lived engine over this model (the server's); `complete` below runs its own per call."""
-        return Engine(self.decoder, self.tokenizer, self.format.stop_ids, config)
+    def new_engine(self, config: EngineConfig, dtype: str = "float32") -> Engine:
+        """A long-lived engine over this model (the server's); `complete` below runs its own per call.
+        dtype "bfloat16" runs the decoder on a bf16 copy of its weights (half the bytes per token)."""
+        decoder = self.decoder if dtype == "float32" else copy.deepcopy(self.decoder).to(getattr(torch, dtype))
+        return Engine(decoder, self.tokenizer, self.format.stop_ids, config)
 
     def encode_images(self, images: list[Image.Image]) -> list[ImageFeatures]:
         return self.encoder.encode(images)

@@ -54,7 +54,7 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> Lites
             if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
                 metrics.record_oom()
 
-        engine = AsyncEngine(loaded.new_engine(settings.engine_config), on_step=metrics.observe_engine_step,
+        engine = AsyncEngine(loaded.new_engine(settings.engine_config, settings.dtype), on_step=metrics.observe_engine_step,
                              on_error=on_engine_error)
         metrics.bind_engine(engine.engine.stats)
         engine.start()

@@ -39,6 +39,7 @@ class Settings:
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_num_batched_tokens: int = 1024  # tokens per step, prefill chunks and decodes together
     kv_dtype: str = ""  # "" = the model's dtype; "bfloat16" halves the pool
+    dtype: str = "float32"  # the decoder's weights: float32, or bfloat16 (GPUs; CPUs with bf16 matmul units)
     # The vision stage (vision/stage.py): remote images, encoder micro-batching, feature cache, token reduction.
     remote_image_hosts: str = ""  # comma-separated allow-list ("*.example.com" = its subdomains); "" = no remote URLs
     remote_image_timeout_s: float = 5.0  # one deadline for a remote image: DNS, connect, headers and body
@@ -49,7 +50,7 @@ class Settings:
     feature_cache_dir: str = ""  # persistent feature cache, shared by a host's workers; "" = no disk tier
     feature_cache_disk_bytes: int = 1024 * 1024 * 1024
     visual_tokens: str = ""  # a request's default: "" = all of the model's tokens, "16" = 16, "0.25" = a quarter
-    visual_token_reduction: str = "tome"  # how tokens are reduced: pool (grid towers), tome or keep
+    visual_token_reduction: str = "keep"  # how tokens are reduced: pool (grid towers), tome or keep (best in bench.vision)
     # Service guards (app/auth.py, app/admission.py), embeddings, and the SIGTERM drain (app/lifecycle.py).
     api_keys: str = field(default="", repr=False)  # comma-separated; none here or in the file: /v1/* is open
     api_key_file: str = ""  # one key per line, '#' starts a comment
@@ -91,6 +92,8 @@ class Settings:
                      "default_max_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"setting {name} must be positive, got {getattr(self, name)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"setting dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
         if self.kv_dtype not in ("", "float32", "bfloat16", "float16"):
             raise ValueError(f"setting kv_dtype must be one of '', float32, bfloat16, float16; got {self.kv_dtype!r}")
         if not 0 < self.port < 65536:

@@ -22,13 +22,17 @@ from tqdm import tqdm
 from demo import world
 from demo.model import LABEL_PROMPT, demo_spec
 from llm.chat_format import ChatFormat, Turn
-from llm.checkpoint import build_coca, save_model_dir
+from llm.checkpoint import build_coca, load_model_dir, save_model_dir
 from llm.tokenizer import WordTokenizer
 from vision.preprocess import PreprocessCfg, normalize_uint8, to_pixels
+from vision.reduce import ReductionSpec, reduce
 
 # A batch is all single-turn or all multi-turn (2-3 turns): padding a batch of short single-turn
 # sequences to the length of one three-turn conversation would triple the text tower's work.
 MULTI_TURN_BATCHES = 0.2
+# Reduced-token batches (with `reduce_share`): the decoder learns to answer from 1/2, 1/4 and 1/8 of
+# its visual tokens as the vision stage's reductions make them, so `visual_tokens` costs little accuracy.
+REDUCTIONS = tuple((method, ratio) for method in ("keep", "tome") for ratio in (0.5, 0.25, 0.125))
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class TrainCfg:
     images: int = 48_000  # pre-rendered pool
     seed: int = 0
     threads: int = 2
+    init: Path | None = None  # fine-tune this checkpoint instead of starting from scratch
+    reduce_share: float = 0.0  # share of batches whose visual tokens are reduced (see REDUCTIONS)
 
 
 def sample_conversation(scene: world.Scene, rng: random.Random, n_turns: int) -> list[Turn]:
@@ -70,11 +76,16 @@ def train(cfg: TrainCfg) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
-    tokenizer = WordTokenizer.build(world.vocabulary())
+    if cfg.init is not None:
+        loaded = load_model_dir(cfg.init)
+        tokenizer, model, history = loaded.tokenizer, loaded.model.train(), loaded.spec.extra.get("training", {})
+    else:
+        tokenizer = WordTokenizer.build(world.vocabulary())
+        model, history = build_coca(demo_spec(tokenizer.vocab_size)).train(), {}
     fmt = ChatFormat(tokenizer)
     spec = demo_spec(tokenizer.vocab_size)
     pp = PreprocessCfg.from_dict(spec.preprocess)
-    model = build_coca(spec).train()
+    grid = tuple(model.visual.grid_size)
     model.visual.to(memory_format=torch.channels_last)  # ~2x faster convolutions on CPU
 
     scenes = [world.sample_scene(rng) for _ in range(cfg.images)]
@@ -105,7 +116,14 @@ def train(cfg: TrainCfg) -> dict:
         text, answer_mask = _batch_tokens(convs, tokenizer.pad_id)
         images = normalize_uint8(pixels[idx], pp).contiguous(memory_format=torch.channels_last)
 
-        out = model(images, text)
+        if rng.random() < cfg.reduce_share:
+            method, ratio = rng.choice(REDUCTIONS)
+            latent, tokens = model._encode_image(images)
+            query = model.visual.pool_query.detach() if method == "keep" else None
+            tokens = reduce(tokens, ReductionSpec(method, ratio), grid=grid, pooled=query)
+            out = model(images, text, image_latent=latent, image_embs=tokens)
+        else:
+            out = model(images, text)
         logits, labels = out["logits"], out["labels"]
         target_mask = answer_mask[:, 1:]
         caption_loss = F.cross_entropy(logits[target_mask], labels[target_mask])
@@ -127,8 +145,9 @@ def train(cfg: TrainCfg) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}", answer_tok_acc=f"{token_acc:.3f}")
 
     minutes = (time.monotonic() - start) / 60
-    spec = demo_spec(tokenizer.vocab_size, extra={"training": {
-        "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-        "images": cfg.images, "minutes": round(minutes, 1)}})
+    run = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "images": cfg.images,
+           "reduce_share": cfg.reduce_share, "minutes": round(minutes, 1)}
+    record = {**history, "finetune": run} if cfg.init is not None else run
+    spec = demo_spec(tokenizer.vocab_size, extra={"training": record})
     save_model_dir(cfg.out, spec, model.eval(), tokenizer)
     return {"minutes": minutes, "out": str(cfg.out)}

@@ -218,3 +218,13 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(demo_run
         assert async_engine.step_failures == 1 and eng.stats()["kv_blocks_used"] == 0
     finally:
         async_engine.shutdown()
+
+
+def test_bfloat16_weights_give_nearly_the_same_answers(demo_runtime, scenes, images):
+    requests = mixed_requests(demo_runtime, scenes, images)
+    full = engine(demo_runtime).generate(requests)
+    half = demo_runtime.new_engine(EngineConfig(block_size=4, kv_cache_bytes=8 << 20, max_num_seqs=16), "bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert half.runner.k_pool[0].dtype == torch.bfloat16
+    same = sum(a.token_ids == b.token_ids for a, b in zip(full, half.generate(requests)))
+    assert same >= 13
