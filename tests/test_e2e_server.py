@@ -107,3 +107,20 @@ def test_openai_client_sees_errors_as_exceptions(server):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="no image"):
         client.chat.completions.create(model="mmserve-demo", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_bad_input_table_through_the_real_server(server):
+    """Every case of the HTTP table, on loopback: its status and message, then a good request succeeds."""
+    from tests.test_http import BAD, URL, user
+
+    base, _ = server
+    with httpx.Client(timeout=30) as client:
+        for name, body, status, needle in BAD:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = client.post(f"{base}/v1/chat/completions", content=content,
+                            headers={"content-type": "application/json"})
+            assert r.status_code == status, (name, r.text)
+            error = r.json()["error"]
+            assert needle.lower() in error["message"].lower() and set(error) == {"message", "type", "param", "code"}, name
+            ok = client.post(f"{base}/v1/chat/completions", json={"messages": [user(url=URL)]})
+            assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"], name
