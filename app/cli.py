@@ -110,7 +110,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
     result = train(TrainCfg(out=Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr,
                             images=args.images, init=Path(args.init) if args.init else None,
-                            reduce_share=args.reduce_share))
+                            reduce_share=args.reduce_share, decoder_only=args.decoder_only))
     print(f"mmserve: trained in {result['minutes']:.1f} min; checkpoint in {result['out']}")
     return 0
 
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init", default=None, metavar="DIR", help="fine-tune this checkpoint")
     train.add_argument("--reduce-share", type=float, default=0.0,
                        help="share of batches trained on reduced visual tokens (1/2, 1/4, 1/8; keep and tome)")
+    train.add_argument("--decoder-only", action="store_true",
+                       help="train only the multimodal decoder (zero-shot towers unchanged)")
     train.set_defaults(func=cmd_train_demo)
     return parser
 

@@ -48,6 +48,7 @@ class TrainCfg:
     threads: int = 2
     init: Path | None = None  # fine-tune this checkpoint instead of starting from scratch
     reduce_share: float = 0.0  # share of batches whose visual tokens are reduced (see REDUCTIONS)
+    decoder_only: bool = False  # train the multimodal decoder alone: the contrastive towers (zero-shot) stay as they are
 
 
 def sample_conversation(scene: world.Scene, rng: random.Random, n_turns: int) -> list[Turn]:
@@ -96,8 +97,12 @@ def train(cfg: TrainCfg) -> dict:
     label_ids = torch.tensor([[tokenizer.sot_id, *tokenizer.encode(LABEL_PROMPT.format(label=l)), tokenizer.eot_id]
                               for l in world.LABELS])
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    if cfg.decoder_only:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("text_decoder."))
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trained if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
 
@@ -109,6 +114,8 @@ def train(cfg: TrainCfg) -> dict:
     start = time.monotonic()
     bar = tqdm(range(cfg.steps), desc="training", unit="step", mininterval=2)
     for step in bar:
+        if cfg.decoder_only:
+            model.visual.eval()  # frozen: BatchNorm statistics must not drift either
         idx = [rng.randrange(cfg.images) for _ in range(cfg.batch_size)]
         multi_turn = rng.random() < MULTI_TURN_BATCHES
         convs = [fmt.encode(sample_conversation(scenes[i], rng, rng.choice((2, 3)) if multi_turn else 1))
@@ -128,17 +135,18 @@ def train(cfg: TrainCfg) -> dict:
         target_mask = answer_mask[:, 1:]
         caption_loss = F.cross_entropy(logits[target_mask], labels[target_mask])
 
-        label_latents = model.encode_text(label_ids, normalize=True)
-        targets = torch.tensor([label_index.get(world.zero_shot_label(scenes[i]), -100) for i in idx])
-        zs_logits = out["logit_scale"] * out["image_features"] @ label_latents.T
-        zs_loss = F.cross_entropy(zs_logits, targets, ignore_index=-100)
-        loss = 2.0 * caption_loss + zs_loss
+        loss = 2.0 * caption_loss
+        if not cfg.decoder_only:
+            label_latents = model.encode_text(label_ids, normalize=True)
+            targets = torch.tensor([label_index.get(world.zero_shot_label(scenes[i]), -100) for i in idx])
+            zs_logits = out["logit_scale"] * out["image_features"] @ label_latents.T
+            loss = loss + F.cross_entropy(zs_logits, targets, ignore_index=-100)
 
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
         opt.step()
         if step % 20 == 0:
             token_acc = (logits[target_mask].argmax(-1) == labels[target_mask]).float().mean().item()
@@ -146,7 +154,7 @@ def train(cfg: TrainCfg) -> dict:
 
     minutes = (time.monotonic() - start) / 60
     run = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "images": cfg.images,
-           "reduce_share": cfg.reduce_share, "minutes": round(minutes, 1)}
+           "reduce_share": cfg.reduce_share, "decoder_only": cfg.decoder_only, "minutes": round(minutes, 1)}
     record = {**history, "finetune": run} if cfg.init is not None else run
     spec = demo_spec(tokenizer.vocab_size, extra={"training": record})
     save_model_dir(cfg.out, spec, model.eval(), tokenizer)

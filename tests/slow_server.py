@@ -35,8 +35,8 @@ class SlowRuntime(ModelRuntime):
         time.sleep(self.delay_s)
         return super().encode_images(images)
 
-    def new_engine(self, config):
-        engine = super().new_engine(config)
+    def new_engine(self, config, dtype="float32"):
+        engine = super().new_engine(config, dtype)
         run, delay = engine.runner.run, self.step_delay_s
 
         def slow_run(output):

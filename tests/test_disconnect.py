@@ -1,6 +1,6 @@
-"""A client that leaves mid-stream, or hangs up on a non-streaming request, aborts its request: the
-engine's running count and KV-pool usage (as /metrics reports them) return to baseline within 2 s,
-long before the generation would have ended on its own."""
+"""A client that leaves mid-stream, or hangs up on a non-streaming request, or a request that passes its
+deadline, aborts its request: the engine's running count and KV-pool usage (as /metrics reports them)
+return to baseline within 2 s, long before the generation would have ended on its own."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from tests.slow_server import image_url, running_server
 
 STEP_DELAY_S = 0.3  # a demo caption is ~10 steps: ~3 s if left to finish
+DEADLINE_S = 2.0
 
 
 def gauge(base: str, name: str) -> float:
@@ -30,7 +31,7 @@ def wait_for_baseline(base: str, timeout_s: float = 2.0) -> float:
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server(0.0, {}, step_delay_s=STEP_DELAY_S) as (base, _):
+    with running_server(0.0, {"MMSERVE_REQUEST_TIMEOUT_S": str(DEADLINE_S)}, step_delay_s=STEP_DELAY_S) as (base, _):
         yield base
 
 
@@ -56,5 +57,13 @@ def test_hanging_up_on_a_non_streaming_request_aborts_it(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server}/v1/chat/completions", json=BODY, timeout=1.0)  # leaves after ~3 steps
     assert wait_for_baseline(server) < 2 * STEP_DELAY_S + 0.5
-    ok = httpx.post(f"{server}/v1/chat/completions", json=BODY, timeout=30)
-    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "stop"
+    ok = httpx.post(f"{server}/v1/chat/completions", json={**BODY, "max_tokens": 3}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_request_past_its_deadline_gets_504_and_is_aborted(server):
+    start = time.monotonic()
+    r = httpx.post(f"{server}/v1/chat/completions", json=BODY, timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert DEADLINE_S <= time.monotonic() - start < DEADLINE_S + 1.5
+    assert wait_for_baseline(server) < 2 * STEP_DELAY_S + 0.5
