@@ -10,7 +10,7 @@ from litestar.types import Send
 from litestar.exceptions import HTTPException, ValidationException
 
 from app.schemas import ErrorBody, ErrorDetail
-from llm.generate import ContextLengthError
+from llm.scheduler import PromptRejected
 from vision.intake import ImageError
 
 log = logging.getLogger("mmserve")
@@ -49,7 +49,7 @@ def _image_error(_: Request, exc: ImageError) -> Response:
     return error_response(status, str(exc), "invalid_request_error", "messages", exc.code)
 
 
-def _context_error(_: Request, exc: ContextLengthError) -> Response:
+def _context_error(_: Request, exc: PromptRejected) -> Response:
     return error_response(400, str(exc), "invalid_request_error", "messages", "context_length_exceeded")
 
 
@@ -75,7 +75,7 @@ def _internal_error(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     APIError: _api_error,
     ImageError: _image_error,
-    ContextLengthError: _context_error,
+    PromptRejected: _context_error,
     ValidationException: _validation_error,
     HTTPException: _http_error,
     Exception: _internal_error,

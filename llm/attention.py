@@ -54,7 +54,7 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     if group == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     qg = q.reshape(b, hkv, group * t, d)
-    if mask is not None:
+    if mask is not None and t > 1:  # one query per row (decode): [B, 1, 1, L] already broadcasts over the group
         mask = mask.expand(b, 1, t, k.shape[2]).repeat(1, 1, group, 1)
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).reshape(b, hq, t, d)
 

@@ -26,13 +26,6 @@ class GenerationParams:
     min_new_tokens: int = 0  # stop ids are suppressed until this many tokens were generated
 
 
-class ContextLengthError(ValueError):
-    def __init__(self, prompt_tokens: int, context_length: int) -> None:
-        super().__init__(f"This model's maximum context length is {context_length} tokens. However, the prompt "
-                         f"has {prompt_tokens} tokens, leaving no room to generate.")
-        self.prompt_tokens, self.context_length = prompt_tokens, context_length
-
-
 def tensor_digest(tokens: torch.Tensor) -> str:
     """A content digest for visual tokens that did not come through the vision stage's cache."""
     t = tokens.detach().to("cpu").contiguous()
@@ -42,11 +35,9 @@ def tensor_digest(tokens: torch.Tensor) -> str:
 def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: list[list[int]],
                     params: GenerationParams, block_size: int = 16) -> list[list[int]]:
     """image_embs: [B, N, W] visual tokens, one row per prompt. Returns the new tokens of each row,
-    stop token excluded. Generation stops at a stop id, at max_new_tokens, or at the context end."""
+    stop token excluded. Generation stops at a stop id, at max_new_tokens, or at the context end.
+    A prompt that leaves no room to generate raises llm.scheduler.PromptRejected (the engine's check)."""
     context = model.context_length
-    for p in prompts:
-        if not 0 < len(p) < context:
-            raise ContextLengthError(len(p), context)
     # A pool that holds the whole batch at once, so nothing is preempted.
     tokens = sum(-(-min(len(p) + params.max_new_tokens, context) // block_size) + 1 for p in prompts) * block_size
     kv_bytes = tokens * model.kv_shape.elements_per_token * next(model.parameters()).element_size()

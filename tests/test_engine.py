@@ -228,3 +228,12 @@ def test_bfloat16_weights_give_nearly_the_same_answers(demo_runtime, scenes, ima
     assert half.runner.k_pool[0].dtype == torch.bfloat16
     same = sum(a.token_ids == b.token_ids for a, b in zip(full, half.generate(requests)))
     assert same >= 13
+
+
+def test_a_prompt_that_fills_the_context_is_rejected_naming_both_numbers(demo_runtime, images):
+    from llm.generate import GenerationParams, generate_greedy
+    from llm.scheduler import PromptRejected
+
+    context = demo_runtime.context_length
+    with pytest.raises(PromptRejected, match=f"maximum context length is {context} tokens.*prompt has {context} tokens"):
+        generate_greedy(demo_runtime.decoder, images[0].tokens[None], [[1] * context], GenerationParams(4))
