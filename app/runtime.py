@@ -5,7 +5,6 @@ The CLI and the HTTP app both drive this object; it holds no request state.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from llm.checkpoint import LoadedModel, load_model_dir
 from llm.coca import CoCaDecoder, decoder_from_open_clip
 from llm.engine import Engine, EngineConfig
 from llm.generate import GenerationParams, generate_greedy
+from llm.packed_linear import dense_copy
 from vision.encoder import ImageFeatures, VisionEncoder
 from vision.preprocess import PreprocessCfg
 
@@ -52,7 +52,7 @@ class ModelRuntime:
     def new_engine(self, config: EngineConfig, dtype: str = "float32") -> Engine:
         """A long-lived engine over this model (the server's); `complete` below runs its own per call.
         dtype "bfloat16" runs the decoder on a bf16 copy of its weights (half the bytes per token)."""
-        decoder = self.decoder if dtype == "float32" else copy.deepcopy(self.decoder).to(getattr(torch, dtype))
+        decoder = self.decoder if dtype == "float32" else dense_copy(self.decoder).to(getattr(torch, dtype))
         return Engine(decoder, self.tokenizer, self.format.stop_ids, config)
 
     def encode_images(self, images: list[Image.Image]) -> list[ImageFeatures]:

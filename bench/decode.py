@@ -29,6 +29,7 @@ from bench.models import (BOS, EOS, EOT, MLLAMA_TILE, PAD, SOT, open_clip_genera
 from bench.report import command_line, publish, table
 from llm.engine import Engine, EngineConfig, ImageInput
 from llm.generate import tensor_digest
+from llm.packed_linear import weight_bytes
 from llm.sampling import SamplingParams
 
 MiB = 1 << 20
@@ -252,7 +253,7 @@ def matvec_bandwidth(n: int = 8192, repeats: int = 10) -> float:
 
 def _decode_bytes_per_token(decoder, image_tokens: int, context: int) -> float:
     """Weights read per token (the embedding table: one row) plus the KV read at this context."""
-    weights = sum(p.numel() * p.element_size() for name, p in decoder.named_parameters() if "embed" not in name)
+    weights = weight_bytes(decoder, skip="embed")  # packed or not
     shape = decoder.kv_shape
     kv = shape.elements_per_token * 4 * context
     cross = 2 * len(decoder.cross_layers) * shape.kv_heads * shape.head_dim * 4 * image_tokens

@@ -143,7 +143,7 @@ class CoCaDecoder(nn.Module):
 
     def cross_kv(self, image_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One image's K/V [heads, N, head_dim] for every multimodal layer: computed once per image."""
-        image_tokens = image_tokens.to(self.lm_head.weight.dtype)
+        image_tokens = image_tokens.to(self.token_embedding.weight.dtype)
         return [block.image_kv(image_tokens) for block in self.mm_cross]
 
     def forward(self, batch: StepBatch) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llm.model_runner import ModelRunner
+from llm.packed_linear import pack_linears
 from llm.sampling import SamplingParams
 from llm.scheduler import Scheduler, SchedulerConfig
 from llm.sequence import Sequence, StopConditions
@@ -28,6 +29,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     kv_dtype: str | None = None  # None: the model's dtype; "bfloat16" halves the pool
+    pack_weights: bool = True  # fp32 on CPU: oneDNN-packed linear weights (llm/packed_linear.py)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
@@ -102,6 +104,8 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: TextTokenizer | None, stop_ids: tuple[int, ...],
                  config: EngineConfig = EngineConfig()) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        if config.pack_weights:
+            pack_linears(model)  # in place: the engine owns the model from here on
         self.stop_ids = frozenset(stop_ids)  # the model's own end-of-turn ids
         kv_dtype = getattr(torch, config.kv_dtype) if config.kv_dtype else next(model.parameters()).dtype
         num_blocks = ModelRunner.blocks_for_budget(model, config.kv_cache_bytes, config.block_size, kv_dtype)

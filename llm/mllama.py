@@ -26,6 +26,7 @@ the image fills every tile or the prompt starts with <|image|> (tests/test_mllam
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -98,8 +99,10 @@ class MllamaDecoderConfig:
             tie_word_embeddings=bool(text.get("tie_word_embeddings", False)))
 
 
+@functools.lru_cache(maxsize=8)
 def rope_inv_freq(cfg: MllamaDecoderConfig, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2], computed as transformers' rope init functions do, in fp32."""
+    """Inverse frequencies [head_dim / 2], computed as transformers' rope init functions do, in fp32.
+    Cached: a dozen tiny ops that would otherwise run every step (callers must not modify it)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     if cfg.rope_type == "default":
@@ -127,7 +130,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        if x.dtype == torch.float32:  # one fused kernel, bitwise the same as below in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        h = x.float()  # transformers' order of roundings for half-precision activations
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -156,12 +161,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                                          self.kv_heads * self.head_dim], dim=-1)
-        q = q.view(n, self.heads, self.head_dim)
-        k = k.view(n, self.kv_heads, self.head_dim)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        out = batch.self_attention(self.index, q, k, v.view(n, self.kv_heads, self.head_dim))
+        qk, v = self.qkv_proj(x).view(n, -1, self.head_dim).split([self.heads + self.kv_heads, self.kv_heads], dim=1)
+        qk = qk * cos + rotate_half(qk) * sin  # q's and k's heads rotated together: half the ops
+        q, k = qk.split([self.heads, self.kv_heads], dim=1)
+        out = batch.self_attention(self.index, q, k, v)
         return self.o_proj(out.reshape(n, -1))
 
 
@@ -269,7 +272,7 @@ class MllamaDecoder(nn.Module):
 
     def cross_kv(self, image_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One image's K/V [kv_heads, N, head_dim] for every cross-attention layer: once per image."""
-        image_tokens = image_tokens.to(self.lm_head.weight.dtype)
+        image_tokens = image_tokens.to(self.embed_tokens.weight.dtype)
         return [layer.cross_attn.image_kv(image_tokens) for layer in self.cross_layers]
 
     def forward(self, batch: StepBatch) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from llm.coca import decoder_from_open_clip
 from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
+from llm.packed_linear import onednn_packing_works, pack_linears
 from tests.oracle import open_clip_greedy
 from vision.preprocess import preprocess
 
@@ -46,8 +47,11 @@ def small_coca():
     return random_small_coca()
 
 
-def test_small_coca_logits_match_open_clip(small_coca):
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "onednn-packed"])
+def test_small_coca_logits_match_open_clip(small_coca, packed):
     decoder = decoder_from_open_clip(SMALL_COCA, small_coca.state_dict())
+    if packed:  # what the engine serves with on a CPU (llm/packed_linear.py)
+        assert onednn_packing_works() and pack_linears(decoder) == 2 * 4 + 2 * (4 + 5) + 1  # text, multimodal, head
     image = torch.randn(3, 3, 64, 64)
     text = torch.randint(1, 101, (3, 20))
     with torch.inference_mode():

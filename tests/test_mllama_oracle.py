@@ -17,6 +17,7 @@ from transformers.models.mllama.processing_mllama import (
 )
 
 from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
+from llm.packed_linear import PackedLinear, onednn_packing_works, pack_linears
 from llm.mllama import MllamaDecoderConfig, mllama_decoder_from_hf_model, mllama_from_hf_dir, rope_inv_freq
 from vision.mllama_encoder import MllamaPreprocessCfg, MllamaVisionEncoder
 
@@ -159,6 +160,15 @@ def test_tiny_logits_match_transformers_full_and_incremental(tiny):
     check_logits(model, decoder, encoder, [4, 1, 2, 3, 4], length=13, seed=2)
 
 
+def test_tiny_logits_match_transformers_with_onednn_packed_weights(tiny):
+    """The same, with the linear weights packed as the engine serves them on a CPU."""
+    model, _, encoder = tiny
+    packed = mllama_decoder_from_hf_model(model)
+    # self-attention layers: qkv, o, gate_up, down; cross-attention layers: q, k, v, o, gate_up, down
+    assert onednn_packing_works() and pack_linears(packed) == 3 * 4 + 2 * 6 + 1
+    check_logits(model, packed, encoder, [4, 1, 2, 3, 4], length=13, seed=2)
+
+
 def test_rows_before_the_image_follow_transformers(tiny):
     """Several text tokens before <|image|>, and a prompt with no <|image|> at all (its rows never see
     the image: gated attention to every image token, no MLP, as transformers does)."""
@@ -238,6 +248,8 @@ def test_medium_mllama_logits_and_greedy_match_transformers():
     assert sum(p.numel() for p in decoder.parameters()) == text_params
     check_logits(model, decoder, encoder, [4, 2], length=20, seed=8)
     check_greedy(model, decoder, encoder, tiles=[4, 1], lengths=[6, 10], max_new_tokens=16, seed=9)
+    assert isinstance(decoder.lm_head, PackedLinear)  # the engine packed it: the served path matches too
+    check_logits(model, decoder, encoder, [4, 2], length=20, seed=8)
 
 
 # --- configuration and loading ---------------------------------------------------------------------
@@ -263,7 +275,8 @@ def test_config_reads_pre_v5_rope_fields_and_caps_the_context():
 
 
 def test_loader_reads_a_saved_checkpoint(tiny, tmp_path):
-    model, decoder, encoder = tiny
+    model, _, encoder = tiny
+    decoder = mllama_decoder_from_hf_model(model)  # not the fixture's: an engine may have packed its weights
     model.save_pretrained(tmp_path / "one")
     encoder.processor.save_pretrained(tmp_path / "one")
     model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
