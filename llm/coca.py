@@ -98,10 +98,12 @@ class CrossAttentionBlock(nn.Module):
         self.mlp = MLP(cfg)
 
     def image_kv(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, W] visual tokens -> K, V [heads, N, head_dim]."""
-        n, w = image_tokens.shape
-        k, v = self.kv(self.ln_1_kv(image_tokens)).view(n, 2, self.heads, w // self.heads).permute(1, 2, 0, 3)
-        return k.contiguous(), v.contiguous()
+        """[B, N, W] visual tokens -> K, V [B, heads, N, head_dim], strided views of the projection's
+        output (no copy: a captioning batch's image K/V are hundreds of MB, and on a VM fresh pages
+        cost more than the strided reads in attention)."""
+        b, n, w = image_tokens.shape
+        kv = self.kv(self.ln_1_kv(image_tokens)).view(b, n, 2, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         n, w = x.shape
@@ -142,7 +144,8 @@ class CoCaDecoder(nn.Module):
         return 0
 
     def cross_kv(self, image_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One image's K/V [heads, N, head_dim] for every multimodal layer: computed once per image."""
+        """Images [B, N, W] -> their K/V [B, heads, N, head_dim] for every multimodal layer: computed
+        once per image (and for all of a step's new images in one matmul)."""
         image_tokens = image_tokens.to(self.token_embedding.weight.dtype)
         return [block.image_kv(image_tokens) for block in self.mm_cross]
 

@@ -182,11 +182,11 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def image_kv(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, hidden] projected vision tokens -> K, V [kv_heads, N, head_dim]."""
-        n = image_tokens.shape[0]
-        k = self.k_norm(self.k_proj(image_tokens).view(n, self.kv_heads, self.head_dim))
-        v = self.v_proj(image_tokens).view(n, self.kv_heads, self.head_dim)
-        return k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+        """[B, N, hidden] projected vision tokens -> K, V [B, kv_heads, N, head_dim] (strided views)."""
+        b, n, _ = image_tokens.shape
+        k = self.k_norm(self.k_proj(image_tokens).view(b, n, self.kv_heads, self.head_dim))
+        v = self.v_proj(image_tokens).view(b, n, self.kv_heads, self.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         n = x.shape[0]
@@ -271,7 +271,8 @@ class MllamaDecoder(nn.Module):
             return self.cfg.context_length
 
     def cross_kv(self, image_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One image's K/V [kv_heads, N, head_dim] for every cross-attention layer: once per image."""
+        """Images [B, N, hidden] -> K/V [B, kv_heads, N, head_dim] for every cross-attention layer:
+        computed once per image (and for all of a step's new images of one size in one matmul)."""
         image_tokens = image_tokens.to(self.embed_tokens.weight.dtype)
         return [layer.cross_attn.image_kv(image_tokens) for layer in self.cross_layers]
 

@@ -205,7 +205,7 @@ def test_coca_decoder_generates_from_16_7_and_1_visual_tokens():
     for n, embs in sets.items():
         assert embs.shape == (2, n, 96)
         with torch.inference_mode():
-            assert decoder.cross_kv(embs[0])[0][0].shape[1] == n  # K/V: [heads, N, head_dim]
+            assert decoder.cross_kv(embs[:1])[0][0].shape[2] == n  # K/V: [images, heads, N, head_dim]
         out = generate_greedy(decoder, embs, prompts, params)
         assert [len(o) for o in out] == [6, 6] and all(0 <= t < 101 for o in out for t in o)
     # cross-attention to N copies of one token equals attention to that token: merging exact
