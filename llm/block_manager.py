@@ -15,7 +15,14 @@ A block's hash is registered only once its K/V were computed (`cache_computed_bl
 step), never at allocation: a sequence admitted in the same step as an identical one would otherwise
 read slots that are still being written.
 
-Freed blocks that carry a hash stay findable until the pool needs them again. The free list is
+A sequence's last, partly filled block is kept findable too when the sequence ends (finished,
+aborted or preempted), under its parent's hash and its computed tokens: the next turn of a
+conversation starts with the whole previous turn, whose tail rarely ends on a block boundary, and
+without this it would recompute up to block_size - 1 tokens of it (a third of a second turn's
+prefill at block size 16). Such a block is never shared: the first sequence that extends those
+tokens takes it over whole and writes on after them, and it leaves the table at once.
+
+Freed blocks that carry a hash (or a partial tail) stay findable until the pool needs them again. The free list is
 ordered by eviction: blocks with no hash at the front (nothing is lost by reusing them), hashed blocks
 at the back in least-recently-freed order (LRU), a sequence's tail before its head since a tail is
 useless once its head is gone.
@@ -45,6 +52,9 @@ def chain_hash(parent: BlockHash, token_ids: list[int]) -> BlockHash:
 class _Block:
     ref_count: int = 0
     hash: BlockHash | None = None  # set once the block is full, computed and the first with this content
+    # a freed sequence's partly filled last block: the hash of the blocks before it, its computed tokens
+    tail_parent: BlockHash | None = None
+    tail_tokens: tuple[int, ...] = ()
 
 
 class BlockManager:
@@ -55,6 +65,7 @@ class BlockManager:
         self._blocks = [_Block() for _ in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = reused first
         self._cached: dict[BlockHash, int] = {}
+        self._tails: dict[BlockHash, set[int]] = {}  # parent hash -> freed partly filled blocks after it
 
     # -- accounting -------------------------------------------------------------------------------
     @property
@@ -98,9 +109,17 @@ class BlockManager:
             if block.ref_count == 0:
                 del self._free[block_id]
             block.ref_count += 1
+        seq.num_cached_tokens = len(hits) * self.block_size
+        found = self._tail_hit(seq, len(hits))
+        if found is not None:
+            tail, same = found
+            seq.num_cached_tokens += same
+            self._forget_tail(tail)
+            del self._free[tail]
+            self._blocks[tail].ref_count = 1
+            hits.append(tail)
         fresh = [self._take_free_block() for _ in range(self.blocks_needed(seq.num_tokens) - len(hits))]
         seq.block_table = hits + fresh
-        seq.num_cached_tokens = len(hits) * self.block_size
         return seq.num_cached_tokens
 
     def can_append(self, seq: Sequence) -> bool:
@@ -114,14 +133,16 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
     def free(self, seq: Sequence) -> None:
-        """Drop all of `seq`'s references at once. Hashed blocks stay findable until reused."""
+        """Drop all of `seq`'s references at once. Hashed blocks, and the partly filled last one,
+        stay findable until reused."""
+        self._keep_tail(seq)
         for block_id in reversed(seq.block_table):
             block = self._blocks[block_id]
             assert block.ref_count > 0, f"block {block_id} freed more often than allocated"
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None  # back of the queue: LRU among hashed blocks
-                if block.hash is None:
+                if block.hash is None and block.tail_parent is None:
                     self._free.move_to_end(block_id, last=False)
         seq.block_table = []  # num_cached_tokens stays: it reports what admission found
 
@@ -158,6 +179,46 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
+    def _keep_tail(self, seq: Sequence) -> None:
+        """Register `seq`'s partly filled, partly computed last block, which only `seq` holds."""
+        index, computed = divmod(seq.num_computed_tokens, self.block_size)
+        if not computed or index >= len(seq.block_table):
+            return
+        block_id = seq.block_table[index]
+        block = self._blocks[block_id]
+        if block.ref_count != 1 or block.hash is not None:
+            return
+        parent = self._block_hashes(seq)[index - 1] if index else root_hash(seq.extra_key)
+        start = index * self.block_size
+        block.tail_parent, block.tail_tokens = parent, tuple(seq.token_ids[start:start + computed])
+        self._tails.setdefault(parent, set()).add(block_id)
+
+    def _tail_hit(self, seq: Sequence, full_hits: int) -> tuple[int, int] | None:
+        """(block id, tokens) of the registered tail block sharing the most leading tokens with
+        `seq`'s block number `full_hits`; never `seq`'s last token, which must be computed."""
+        parent = self._block_hashes(seq)[full_hits - 1] if full_hits else root_hash(seq.extra_key)
+        start = full_hits * self.block_size
+        wanted = seq.token_ids[start:seq.num_tokens - 1]
+        best, best_len = None, 0
+        for block_id in self._tails.get(parent, ()):
+            same = 0
+            for ours, theirs in zip(wanted, self._blocks[block_id].tail_tokens):
+                if ours != theirs:
+                    break
+                same += 1
+            if same > best_len:
+                best, best_len = block_id, same
+        return (best, best_len) if best is not None else None
+
+    def _forget_tail(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.tail_parent is not None:
+            siblings = self._tails[block.tail_parent]
+            siblings.discard(block_id)
+            if not siblings:
+                del self._tails[block.tail_parent]
+            block.tail_parent, block.tail_tokens = None, ()
+
     def _take_free_block(self) -> int:
         if not self._free:
             raise RuntimeError("no free KV-cache block: check can_allocate / can_append first")
@@ -166,5 +227,6 @@ class BlockManager:
         if block.hash is not None:  # evict its cached content
             del self._cached[block.hash]
             block.hash = None
+        self._forget_tail(block_id)
         block.ref_count = 1
         return block_id

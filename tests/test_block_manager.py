@@ -149,6 +149,46 @@ def test_a_cache_hit_on_a_free_block_still_needs_a_free_block():
     assert manager.can_allocate(b) and manager.allocate(b) == 8
 
 
+def test_the_next_turn_takes_over_the_partly_filled_tail_of_the_last():
+    manager = BlockManager(num_blocks=10, block_size=BS)
+    a = computed(manager, seq("a", list(range(1, 11))))  # blocks of 4 + 4 + 2 computed tokens
+    table = list(a.block_table)
+    manager.free(a)
+    b = seq("b", list(range(1, 11)) + [60, 61])  # the whole of turn 1, then turn 2
+    assert manager.allocate(b) == 10 and b.block_table[:3] == table
+    assert [manager.ref_count(x) for x in b.block_table] == [1, 1, 1]
+    c = seq("c", list(range(1, 11)) + [70])  # the tail now belongs to b: c recomputes it elsewhere
+    assert manager.allocate(c) == 8 and c.block_table[2] != table[2]
+    computed(manager, b)
+    assert manager.is_cached(b.block_table[2])  # filled by b: an ordinary shared block from now on
+
+
+def test_a_tail_serves_its_common_prefix_but_never_the_last_token():
+    manager = BlockManager(num_blocks=10, block_size=BS)
+    manager.free(computed(manager, seq("a", list(range(1, 11)))))
+    assert manager.allocate(seq("b", list(range(1, 10)) + [99, 5])) == 9  # shares 9, not 10
+    manager = BlockManager(num_blocks=10, block_size=BS)
+    manager.free(computed(manager, seq("a", list(range(1, 11)))))
+    assert manager.allocate(seq("same", list(range(1, 11)))) == 9  # token 10 is computed again
+
+
+def test_tails_are_keyed_by_image_and_by_the_blocks_before_them():
+    manager = BlockManager(num_blocks=10, block_size=BS)
+    manager.free(computed(manager, seq("a", list(range(1, 11)))))
+    assert manager.allocate(seq("other-image", list(range(1, 12)), image="img-b")) == 0
+    assert manager.allocate(seq("other-head", [0, *range(2, 12)])) == 0
+
+
+def test_an_evicted_tail_is_forgotten():
+    manager = BlockManager(num_blocks=5, block_size=BS)
+    manager.free(computed(manager, seq("a", list(range(1, 11)))))  # 2 hashed blocks, 1 tail, 2 never used
+    x = seq("x", list(range(100, 112)))  # 3 blocks: the unused ones, then a's tail (a tail goes before its head)
+    manager.allocate(x)
+    manager.free(x)
+    assert manager.allocate(seq("b", list(range(1, 13)))) == 8  # a's full blocks, not its overwritten tail
+    assert manager._tails == {}
+
+
 def test_eviction_reuses_anonymous_blocks_first_then_least_recently_freed():
     manager = BlockManager(num_blocks=4, block_size=BS)
     a = computed(manager, seq("a", list(range(1, 10))))  # 2 registered blocks + 1 anonymous
