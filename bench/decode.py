@@ -260,28 +260,37 @@ def _decode_bytes_per_token(decoder, image_tokens: int, context: int) -> float:
     return weights + kv + cross
 
 
-def bench_bandwidth(models, new_tokens: int) -> dict:
+def bench_bandwidth(models, new_tokens: int, repeats: int) -> dict:
+    """Each system's best of `repeats` runs (as timeit reports): this VM's step times swing by +-25%
+    from one second to the next, and the best run is the one least disturbed by its neighbours."""
     hf, decoder, encoder = models
     image_token = hf.config.image_token_index
     prompt = [BOS, image_token, *range(10, 74)]
     bandwidth = matvec_bandwidth()
     features = encoder.encode(random_pictures(1, 7))[0]
     image = ImageInput(tensor_digest(features.tokens), features.tokens)
-    engine = Engine(decoder, None, (EOS,), EngineConfig(max_num_seqs=1, kv_cache_bytes=64 * MiB))
-    engine.add_request("one", prompt, image, SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True))
-    engine.step()  # prefill + first token
-    start = time.perf_counter()
-    while engine.has_unfinished:
-        engine.step()
-    ours_tps = new_tokens / (time.perf_counter() - start)
+    ours_runs = []
+    for _ in range(repeats):
+        engine = Engine(decoder, None, (EOS,), EngineConfig(max_num_seqs=1, kv_cache_bytes=64 * MiB))
+        engine.add_request("one", prompt, image, SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True))
+        engine.step()  # prefill + first token
+        start = time.perf_counter()
+        while engine.has_unfinished:
+            engine.step()
+        ours_runs.append(new_tokens / (time.perf_counter() - start))
 
-    request = ChatRequest(prompt, 1, 7)
-    one = min(_hf_generate(hf, encoder, [request], image_token) for _ in range(2))
-    full = _hf_generate(hf, encoder, [ChatRequest(prompt, new_tokens + 1, 7)], image_token)
-    hf_tps = new_tokens / max(1e-9, full - one)
+    hf_runs = []
+    for _ in range(repeats):
+        one = _hf_generate(hf, encoder, [ChatRequest(prompt, 1, 7)], image_token)
+        full = _hf_generate(hf, encoder, [ChatRequest(prompt, new_tokens + 1, 7)], image_token)
+        hf_runs.append(new_tokens / max(1e-9, full - one))
+    bandwidth = max(bandwidth, matvec_bandwidth())  # the ceiling, measured before and after
     bound = bandwidth / _decode_bytes_per_token(decoder, features.tokens.shape[0], len(prompt) + new_tokens // 2)
+    ours_tps, hf_tps = max(ours_runs), max(hf_runs)
     return {"bandwidth_gb_s": bandwidth / 1e9, "bound_tokens_per_s": bound, "ours_tokens_per_s": ours_tps,
-            "hf_tokens_per_s": hf_tps, "ours_fraction": ours_tps / bound, "hf_fraction": hf_tps / bound}
+            "hf_tokens_per_s": hf_tps, "ours_fraction": ours_tps / bound, "hf_fraction": hf_tps / bound,
+            "ours_runs_tokens_per_s": [round(x, 1) for x in ours_runs],
+            "hf_runs_tokens_per_s": [round(x, 1) for x in hf_runs], "repeats": repeats}
 
 
 def load_mllama():
@@ -307,7 +316,7 @@ def main() -> None:
     chat = bench_chat(n_ours=24 if q else 64, n_sequential=3 if q else 12, n_batched=16 if q else 32, models=models)
     print(f"chat done in {time.perf_counter() - t0:.0f} s", flush=True)
     turns = bench_multiturn(models, repeats=2 if q else 5)
-    bw = bench_bandwidth(models, new_tokens=48 if q else 128)
+    bw = bench_bandwidth(models, new_tokens=48 if q else 128, repeats=2 if q else 3)
     print(f"all done in {time.perf_counter() - t0:.0f} s", flush=True)
     sections = [
         ("Batch captioning (coca_ViT-B-32, 32 new tokens, images/s incl. the vision tower)", table([
@@ -332,7 +341,10 @@ def main() -> None:
         ("Single-stream decode vs the memory-bandwidth bound", table([
             {"matvec GB/s": bw["bandwidth_gb_s"], "bound tok/s": bw["bound_tokens_per_s"],
              "mmserve tok/s": bw["ours_tokens_per_s"], "mmserve fraction": bw["ours_fraction"],
-             "transformers tok/s": bw["hf_tokens_per_s"], "transformers fraction": bw["hf_fraction"]}])),
+             "transformers tok/s": bw["hf_tokens_per_s"], "transformers fraction": bw["hf_fraction"]}])
+         + f"\n\nBest of {bw['repeats']} runs each (tokens/s of every run: mmserve {bw['ours_runs_tokens_per_s']}, "
+           f"transformers {bw['hf_runs_tokens_per_s']}); the bandwidth is the higher of two measurements, "
+           "before and after, which lowers the fraction of both systems."),
     ]
     summary = {"captioning_speedup_vs_open_clip": round(cap["speedup"], 2),
                "chat_speedup_vs_hf_sequential": round(chat["speedup_vs_sequential"], 2),

@@ -100,7 +100,7 @@ class StepBatch:
     slot_mapping: torch.Tensor  # [N] pool slot for each new token's K/V
     num_decodes: int  # rows 0 .. num_decodes-1 are single-token chunks
     decode_key_slots: torch.Tensor | None  # [B_dec, L_max]
-    decode_key_mask: torch.Tensor | None  # [B_dec, 1, 1, L_max]
+    decode_key_mask: torch.Tensor | None  # [B_dec, 1, 1, L_max]; None when every row has L_max keys
     prefills: list[PrefillSpan]
     k_pool: list[torch.Tensor]  # per self-attention layer [num_slots, Hkv, D]
     v_pool: list[torch.Tensor]
@@ -109,6 +109,9 @@ class StepBatch:
     # Rows whose token sees an image (Mllama: tokens after the <|image|> token). None: every row does.
     image_visible: torch.Tensor | None = None  # [N] bool
     logits_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    # A lone decode whose keys fill consecutive slots (its blocks are in order): (first slot, length),
+    # read in place instead of gathered: single-stream decoding is latency-bound, every op counts.
+    decode_key_span: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -119,12 +122,20 @@ class StepBatch:
         k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
         k_pool.index_copy_(0, self.slot_mapping, k.to(k_pool.dtype))
         v_pool.index_copy_(0, self.slot_mapping, v.to(v_pool.dtype))
-        out = torch.empty_like(q)
         n_dec = self.num_decodes
         if n_dec:
-            keys = _gather(k_pool, self.decode_key_slots).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-            values = _gather(v_pool, self.decode_key_slots).to(q.dtype).transpose(1, 2)
-            out[:n_dec] = _grouped_sdpa(q[:n_dec, :, None], keys, values, self.decode_key_mask)[:, :, 0]
+            if self.decode_key_span is not None:
+                first, length = self.decode_key_span
+                keys, values = k_pool.narrow(0, first, length)[None], v_pool.narrow(0, first, length)[None]
+            else:
+                keys, values = _gather(k_pool, self.decode_key_slots), _gather(v_pool, self.decode_key_slots)
+            keys, values = keys.to(q.dtype).transpose(1, 2), values.to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+            decoded = _grouped_sdpa(q[:n_dec, :, None], keys, values, self.decode_key_mask)[:, :, 0]
+            if not self.prefills:
+                return decoded
+        out = torch.empty_like(q)
+        if n_dec:
+            out[:n_dec] = decoded
         for span in self.prefills:
             keys = _gather(k_pool, span.key_slots).to(q.dtype)  # [L, Hkv, D]
             values = _gather(v_pool, span.key_slots).to(q.dtype)
@@ -134,11 +145,14 @@ class StepBatch:
     def cross_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q [N, Hq, D] -> attention over each row's image K/V [N, Hq, D]."""
         kv = self.cross[layer]
-        out = torch.empty_like(q)
         n_dec = self.num_decodes
         if n_dec:
-            out[:n_dec] = _grouped_sdpa(q[:n_dec, :, None], kv.decode_k, kv.decode_v,
-                                        self.decode_cross_mask)[:, :, 0]
+            decoded = _grouped_sdpa(q[:n_dec, :, None], kv.decode_k, kv.decode_v, self.decode_cross_mask)[:, :, 0]
+            if not self.prefills:
+                return decoded
+        out = torch.empty_like(q)
+        if n_dec:
+            out[:n_dec] = decoded
         for span in self.prefills:
             k, v = kv.images[span.cross_index]
             qs = q[span.rows].transpose(0, 1)[None]  # [1, Hq, T, D]

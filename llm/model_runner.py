@@ -206,17 +206,22 @@ class ModelRunner:
         digests = {c.request_id: self._requests[c.request_id].image_digest for c in ordered}
         image_index, image_kvs = self._image_kvs(ordered)
 
-        decode_slots = decode_mask = cross_mask = None
+        decode_slots = decode_mask = cross_mask = decode_span = None
         decode_cross: list = [(None, None)] * len(image_kvs[0])
         if decodes:
-            lens = torch.tensor([c.end for c in decodes], device=dev)
-            longest = int(lens.max())
-            tables = torch.zeros(len(decodes), -(-longest // bs), dtype=torch.long, device=dev)
-            for i, c in enumerate(decodes):
-                tables[i, : len(c.block_table)] = torch.tensor(c.block_table[: tables.shape[1]])
-            pos = torch.arange(longest, device=dev)
-            decode_slots = tables[:, pos // bs] * bs + pos % bs
-            decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :]
+            lens = [c.end for c in decodes]
+            longest = max(lens)
+            first_table = decodes[0].block_table[: -(-longest // bs)]
+            if len(decodes) == 1 and all(b == first_table[0] + i for i, b in enumerate(first_table)):
+                decode_span = (first_table[0] * bs, longest)  # read in place, no gather
+            else:
+                tables = torch.zeros(len(decodes), -(-longest // bs), dtype=torch.long, device=dev)
+                for i, c in enumerate(decodes):
+                    tables[i, : len(c.block_table)] = torch.tensor(c.block_table[: tables.shape[1]])
+                pos = torch.arange(longest, device=dev)
+                decode_slots = tables[:, pos // bs] * bs + pos % bs
+                if min(lens) != longest:
+                    decode_mask = (pos[None, :] < torch.tensor(lens, device=dev)[:, None])[:, None, None, :]
             decode_cross, cross_mask = self._stack_decode_cross(tuple(digests[c.request_id] for c in decodes),
                                                                 image_index, image_kvs)
         spans = []
@@ -239,7 +244,7 @@ class ModelRunner:
         batch = StepBatch(
             token_ids=torch.tensor(token_ids, device=dev), positions=positions_t,
             slot_mapping=torch.tensor(slots, device=dev), num_decodes=len(decodes),
-            decode_key_slots=decode_slots, decode_key_mask=decode_mask, prefills=spans,
+            decode_key_slots=decode_slots, decode_key_mask=decode_mask, decode_key_span=decode_span, prefills=spans,
             k_pool=self.k_pool, v_pool=self.v_pool, cross=cross, decode_cross_mask=cross_mask,
             image_visible=image_visible, logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev))
         return batch, sampling
