@@ -155,7 +155,7 @@ def _ours_serve(decoder, encoder, requests: list[ChatRequest], in_flight: int) -
     def admit():
         i, r = queue.pop(0)
         features = encoder.encode(random_pictures(1, r.picture_seed))[0]
-        engine.add_request(f"chat{i}", r.prompt, ImageInput(tensor_digest(features.tokens), features.tokens),
+        engine.add_request(f"chat{i}", r.prompt, ImageInput.from_features(features),
                            SamplingParams(max_tokens=r.new_tokens, ignore_eos=True))
 
     for _ in range(min(in_flight, len(queue))):
@@ -213,7 +213,7 @@ def bench_multiturn(models, repeats: int) -> dict:
     for rep in range(repeats):
         picture = random_pictures(1, 100 + rep)[0]
         features = encoder.encode([picture])[0]
-        feature_cache = {"picture": ImageInput(tensor_digest(features.tokens), features.tokens)}
+        feature_cache = {"picture": ImageInput.from_features(features)}
         warm_engine = Engine(decoder, None, (EOS,), config)
         _, answer = _ttft(warm_engine, "t1", turn1, feature_cache["picture"], 32)
         turn2 = turn1 + list(answer) + question
@@ -227,7 +227,7 @@ def bench_multiturn(models, repeats: int) -> dict:
         cold_engine = Engine(decoder, None, (EOS,), config)
         start = time.perf_counter()
         f = encoder.encode([picture])[0]
-        image = ImageInput(tensor_digest(f.tokens), f.tokens)
+        image = ImageInput.from_features(f)
         image_s = time.perf_counter() - start
         cold, cold_tokens = _ttft(cold_engine, "t2", turn2, image, 4)
         cold_times.append(image_s + cold)
@@ -268,7 +268,7 @@ def bench_bandwidth(models, new_tokens: int, repeats: int) -> dict:
     prompt = [BOS, image_token, *range(10, 74)]
     bandwidth = matvec_bandwidth()
     features = encoder.encode(random_pictures(1, 7))[0]
-    image = ImageInput(tensor_digest(features.tokens), features.tokens)
+    image = ImageInput.from_features(features)
     ours_runs = []
     for _ in range(repeats):
         engine = Engine(decoder, None, (EOS,), EngineConfig(max_num_seqs=1, kv_cache_bytes=64 * MiB))
@@ -285,7 +285,7 @@ def bench_bandwidth(models, new_tokens: int, repeats: int) -> dict:
         full = _hf_generate(hf, encoder, [ChatRequest(prompt, new_tokens + 1, 7)], image_token)
         hf_runs.append(new_tokens / max(1e-9, full - one))
     bandwidth = max(bandwidth, matvec_bandwidth())  # the ceiling, measured before and after
-    bound = bandwidth / _decode_bytes_per_token(decoder, features.tokens.shape[0], len(prompt) + new_tokens // 2)
+    bound = bandwidth / _decode_bytes_per_token(decoder, features.attended_tokens, len(prompt) + new_tokens // 2)
     ours_tps, hf_tps = max(ours_runs), max(hf_runs)
     return {"bandwidth_gb_s": bandwidth / 1e9, "bound_tokens_per_s": bound, "ours_tokens_per_s": ours_tps,
             "hf_tokens_per_s": hf_tps, "ours_fraction": ours_tps / bound, "hf_fraction": hf_tps / bound,

@@ -80,6 +80,7 @@ class PrefillSpan:
     key_slots: torch.Tensor  # [pos0 + T] pool slots of positions 0 .. pos0+T-1
     causal_mask: torch.Tensor  # [T, pos0 + T] bool, True = attend
     cross_index: int  # which image (row of the step's image list) this sequence attends to
+    cross_mask: torch.Tensor | None = None  # [T, N] bool: the image tokens each row sees; None: all
 
 
 @dataclass
@@ -156,7 +157,8 @@ class StepBatch:
         for span in self.prefills:
             k, v = kv.images[span.cross_index]
             qs = q[span.rows].transpose(0, 1)[None]  # [1, Hq, T, D]
-            out[span.rows] = _grouped_sdpa(qs, k[None], v[None], None)[0].transpose(0, 1)
+            mask = None if span.cross_mask is None else span.cross_mask[None, None]
+            out[span.rows] = _grouped_sdpa(qs, k[None], v[None], mask)[0].transpose(0, 1)
         return out
 
 

@@ -46,6 +46,14 @@ class ImageInput:
 
     digest: str
     tokens: torch.Tensor  # [N, width]
+    attended_tokens: int | None = None  # text at/after the image sees tokens[:attended_tokens]; None: all
+
+    @classmethod
+    def from_features(cls, features, digest: str | None = None) -> "ImageInput":
+        """From vision ImageFeatures; the digest defaults to one of the tokens' bytes."""
+        from llm.generate import tensor_digest  # noqa: PLC0415 (generate imports this module)
+
+        return cls(digest or tensor_digest(features.tokens), features.tokens, features.attended_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +135,8 @@ class Engine:
         seq = Sequence(request_id, tuple(prompt_ids), extra_key=image.digest,
                        stop=StopConditions(params.max_tokens, stop_ids, params.min_tokens))
         self.scheduler.add(seq)
-        self.runner.add_request(request_id, list(prompt_ids), image.digest, image.tokens, params, stop_ids)
+        self.runner.add_request(request_id, list(prompt_ids), image.digest, image.tokens, params, stop_ids,
+                                image.attended_tokens)
         self._live[request_id] = _Live(seq, IncrementalDetokenizer(self.tokenizer, params.stop), stop_ids)
 
     def abort(self, request_id: str) -> bool:

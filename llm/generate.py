@@ -33,8 +33,10 @@ def tensor_digest(tokens: torch.Tensor) -> str:
 
 
 def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: list[list[int]],
-                    params: GenerationParams, block_size: int = 16) -> list[list[int]]:
-    """image_embs: [B, N, W] visual tokens, one row per prompt. Returns the new tokens of each row,
+                    params: GenerationParams, block_size: int = 16,
+                    attended_tokens: list[int | None] | None = None) -> list[list[int]]:
+    """image_embs: [B, N, W] visual tokens (or a list of [N_i, W]), one per prompt; `attended_tokens`
+    as `ImageInput.attended_tokens`, one per prompt (None: all). Returns the new tokens of each row,
     stop token excluded. Generation stops at a stop id, at max_new_tokens, or at the context end.
     A prompt that leaves no room to generate raises llm.scheduler.PromptRejected (the engine's check)."""
     context = model.context_length
@@ -46,13 +48,15 @@ def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: l
                                  max_num_batched_tokens=max(512, sum(len(p) for p in prompts))))
     sampling = SamplingParams(max_tokens=params.max_new_tokens, min_tokens=min(params.min_new_tokens,
                                                                                 params.max_new_tokens))
-    requests = [(p, ImageInput(tensor_digest(e), e), sampling) for p, e in zip(prompts, image_embs)]
+    attended = attended_tokens or [None] * len(prompts)
+    requests = [(p, ImageInput(tensor_digest(e), e, a), sampling) for p, e, a in zip(prompts, image_embs, attended)]
     return [list(o.token_ids) for o in engine.generate(requests)]
 
 
 @torch.inference_mode()
 def teacher_forced_logits(model: torch.nn.Module, image_embs: torch.Tensor, ids: torch.Tensor,
-                          chunk: int | None = None, block_size: int = 4) -> torch.Tensor:
+                          chunk: int | None = None, block_size: int = 4,
+                          attended_tokens: list[int | None] | None = None) -> torch.Tensor:
     """ids [B, T] under images [B, N, W] -> logits [B, T, vocab], computed `chunk` tokens per step
     (None: the whole row at once) through the paged KV cache. A small block size makes the rows'
     blocks interleave in the pool, so block tables are really exercised."""
@@ -61,9 +65,10 @@ def teacher_forced_logits(model: torch.nn.Module, image_embs: torch.Tensor, ids:
     blocks_per_row = -(-t // block_size)
     runner = ModelRunner(model, b * blocks_per_row, block_size, cross_cache_bytes=1 << 30)
     tables = [tuple(range(r, b * blocks_per_row, b)) for r in range(b)]  # row r owns blocks r, r+b, ...
+    attended = attended_tokens or [None] * b
     for r in range(b):
         runner.add_request(f"row{r}", ids[r].tolist(), tensor_digest(image_embs[r]), image_embs[r],
-                           SamplingParams(), frozenset())
+                           SamplingParams(), frozenset(), attended[r])
     logits = torch.zeros(b, t, model.vocab_size)
     for start in range(0, t, chunk):
         end = min(t, start + chunk)

@@ -18,10 +18,9 @@ oracle: `_prepare_cross_attention_mask` turns such a row's all-masked cross-atte
 all-zero one (`cross_attention_mask *= full_text_row_masked_out_mask`), so the row attends to EVERY
 image token and the gated attention output is added; only the MLP output is zeroed. (Meta's reference
 zeroes the attention output too: transformers issue #39379.)
-Known gap: there "every image token" includes the padding tiles of an image with fewer than
-max_num_tiles tiles, and our image tokens hold the real tiles only (vision/mllama_encoder.py). So for
-such an image AND text before <|image|> the logits differ from transformers; they are identical when
-the image fills every tile or the prompt starts with <|image|> (tests/test_mllama_oracle.py).
+"Every image token" includes the padding tiles of an image with fewer than max_num_tiles tiles, so
+an image's tokens cover all tiles, real ones first, and rows at or after <|image|> attend to the real
+ones only (`ImageInput.attended_tokens`; the model runner builds the per-row masks).
 """
 
 from __future__ import annotations

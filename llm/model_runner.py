@@ -97,6 +97,11 @@ class _RequestState:
     image_start: int  # first position that sees the image
     sampler: RequestSampler
     num_prompt_tokens: int
+    attended_tokens: int  # image tokens that positions >= image_start attend to
+    image_length: int  # all of the image's tokens: what positions before image_start attend to
+
+    def cross_keys(self, position: int) -> int:
+        return self.attended_tokens if position >= self.image_start else self.image_length
 
 
 class ModelRunner:
@@ -114,7 +119,7 @@ class ModelRunner:
         self.v_pool = [torch.zeros_like(k) for k in self.k_pool]
         self.cross_pool = CrossKVPool(cross_cache_bytes)
         self._requests: dict[str, _RequestState] = {}
-        self._stacked: tuple[tuple[str, ...], list, torch.Tensor | None] | None = None
+        self._stacked: tuple[tuple[tuple[str, int], ...], list, torch.Tensor | None] | None = None
 
     @staticmethod
     def blocks_for_budget(model: torch.nn.Module, budget_bytes: int, block_size: int,
@@ -128,12 +133,17 @@ class ModelRunner:
 
     # -- request lifetime --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], image_digest: str, image_tokens: torch.Tensor,
-                    params: SamplingParams, stop_ids: frozenset[int]) -> None:
+                    params: SamplingParams, stop_ids: frozenset[int], attended_tokens: int | None = None) -> None:
+        """`attended_tokens`: text at and after the image sees only the image's first tokens (Mllama's
+        real tiles); text before it sees them all. None: every row sees every token."""
+        n = image_tokens.shape[0]
+        if attended_tokens is not None and not 0 < attended_tokens <= n:
+            raise ValueError(f"attended_tokens must be in 1..{n} (the image's tokens), got {attended_tokens}")
         self.cross_pool.acquire(image_digest)
         self._requests[request_id] = _RequestState(
             image_digest, None if image_digest in self.cross_pool else image_tokens,
             self.model.image_start(prompt_ids), RequestSampler(params, stop_ids, prompt_ids, self.device),
-            len(prompt_ids))
+            len(prompt_ids), n if attended_tokens is None else attended_tokens, n)
 
     def release(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
@@ -222,8 +232,9 @@ class ModelRunner:
                 decode_slots = tables[:, pos // bs] * bs + pos % bs
                 if min(lens) != longest:
                     decode_mask = (pos[None, :] < torch.tensor(lens, device=dev)[:, None])[:, None, None, :]
-            decode_cross, cross_mask = self._stack_decode_cross(tuple(digests[c.request_id] for c in decodes),
-                                                                image_index, image_kvs)
+            decode_cross, cross_mask = self._stack_decode_cross(
+                tuple((digests[c.request_id], self._requests[c.request_id].cross_keys(c.start)) for c in decodes),
+                image_index, image_kvs)
         spans = []
         row = len(decodes)
         for c in prefills:
@@ -232,7 +243,7 @@ class ModelRunner:
             table = torch.tensor(c.block_table, device=dev)
             causal = pos[None, :] <= torch.arange(c.start, c.end, device=dev)[:, None]
             spans.append(PrefillSpan(slice(row, row + t), table[pos // bs] * bs + pos % bs, causal,
-                                     image_index[digests[c.request_id]]))
+                                     image_index[digests[c.request_id]], self._prefill_cross_mask(c)))
             row += t
         cross = [CrossLayerKV(dk, dv, [kv[layer] for kv in image_kvs])
                  for layer, (dk, dv) in enumerate(decode_cross)]
@@ -249,25 +260,34 @@ class ModelRunner:
             image_visible=image_visible, logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev))
         return batch, sampling
 
-    def _stack_decode_cross(self, decode_digests: tuple[str, ...], image_index: dict[str, int],
+    def _prefill_cross_mask(self, chunk: ScheduledChunk) -> torch.Tensor | None:
+        """[T, N] which image tokens each row of a prefill chunk attends to; None: all, every row."""
+        state = self._requests[chunk.request_id]
+        counts = [state.cross_keys(p) for p in range(chunk.start, chunk.end)]
+        if min(counts) == state.image_length:
+            return None
+        n = torch.arange(state.image_length, device=self.device)
+        return n[None, :] < torch.tensor(counts, device=self.device)[:, None]
+
+    def _stack_decode_cross(self, decode_keys: tuple[tuple[str, int], ...], image_index: dict[str, int],
                             image_kvs: list[CrossKV]):
         """Per layer, the decodes' image K/V stacked [B, Hkv, N_max, D]. Rebuilt only when the set of
         decoding requests changes, which in steady decoding is every few dozen steps, not every step;
         and no copy at all when the rows' images were projected together, in this order (a batch
         captioning job: 64 images x 12 layers of K/V would be 800 MB to copy)."""
-        if self._stacked is not None and self._stacked[0] == decode_digests:
+        if self._stacked is not None and self._stacked[0] == decode_keys:
             return self._stacked[1], self._stacked[2]
-        per_row = [image_kvs[image_index[d]] for d in decode_digests]
-        lengths = [kv[0][0].shape[1] for kv in per_row]
-        longest = max(lengths)
+        per_row = [image_kvs[image_index[d]] for d, _ in decode_keys]
+        longest = max(kv[0][0].shape[1] for kv in per_row)
+        attended = [keys for _, keys in decode_keys]  # the rows' keys: a prefix of their image's tokens
         mask = None
-        if min(lengths) != longest:
+        if min(attended) != longest:
             n = torch.arange(longest, device=self.device)
-            mask = (n[None, :] < torch.tensor(lengths, device=self.device)[:, None])[:, None, None, :]
+            mask = (n[None, :] < torch.tensor(attended, device=self.device)[:, None])[:, None, None, :]
         stacked = []
         for layer in range(len(per_row[0])):
             ks = [kv[layer][0] for kv in per_row]
             vs = [kv[layer][1] for kv in per_row]
             stacked.append((_stack_or_view(ks, longest), _stack_or_view(vs, longest)))
-        self._stacked = (decode_digests, stacked, mask)
+        self._stacked = (decode_keys, stacked, mask)
         return stacked, mask

@@ -87,15 +87,18 @@ def our_tokens(encoder: MllamaVisionEncoder, pictures: list[Image.Image]) -> lis
     return [f.tokens for f in encoder.encode(pictures)]
 
 
+def our_attended(encoder: MllamaVisionEncoder, pictures: list[Image.Image]) -> list[int]:
+    return [f.attended_tokens for f in encoder.encode(pictures)]
+
+
 def prompts_for(tiles: list[int], length: int, vocab: int, image_token: int, seed: int) -> list[list[int]]:
-    """<|begin_of_text|><|image|>... (the BOS row sees no image) when the image fills every tile;
-    <|image|><|begin_of_text|>... (what MllamaProcessor writes for a prompt that starts with the image)
-    otherwise: see llm/mllama.py on padding tiles."""
+    """<|begin_of_text|><|image|>...: the BOS row comes before the image, so it attends to every
+    image token, padding tiles included, while the rest see the real tiles only (llm/mllama.py)."""
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for t in tiles:
+    for _ in tiles:
         text = torch.randint(4, vocab, (length - 2,), generator=g).tolist()
-        rows.append([BOS, image_token, *text] if t == PREPROCESS.max_image_tiles else [image_token, BOS, *text])
+        rows.append([BOS, image_token, *text])
     return rows
 
 
@@ -123,9 +126,10 @@ def test_vision_tokens_are_the_cross_attention_states_transformers_uses(tiny):
         hook.remove()
     patches = model.model.vision_model.num_patches
     states = seen["states"].reshape(len(tiles), PREPROCESS.max_image_tiles * patches, -1)
-    for i, (t, tokens) in enumerate(zip(tiles, our_tokens(encoder, pictures))):
-        assert tokens.shape == (t * patches, TINY_TEXT["hidden_size"])
-        assert rel_err(tokens, states[i, : t * patches]) <= 1e-5, t
+    for i, (t, features) in enumerate(zip(tiles, encoder.encode(pictures))):
+        assert features.tokens.shape == (PREPROCESS.max_image_tiles * patches, TINY_TEXT["hidden_size"])
+        assert features.attended_tokens == t * patches  # real tiles first, then the padding ones
+        assert rel_err(features.tokens, states[i]) <= 1e-5, t
 
 
 def test_encoder_settings_name_the_features(tiny):
@@ -135,7 +139,8 @@ def test_encoder_settings_name_the_features(tiny):
     assert MllamaVisionEncoder.from_hf_model(other, PREPROCESS).weights_digest != encoder.weights_digest
     assert MllamaVisionEncoder.from_hf_model(model, PREPROCESS).weights_digest == encoder.weights_digest
     feats = encoder.encode(images([2], seed=3))[0]
-    assert torch.equal(feats.pooled, feats.tokens.mean(0))
+    assert feats.attended_tokens < feats.tokens.shape[0]  # 2 of 4 tiles: the pooled latent averages the real ones
+    assert torch.equal(feats.pooled, feats.tokens[: feats.attended_tokens].mean(0))
 
 
 # --- the decoder: logits ---------------------------------------------------------------------------
@@ -146,8 +151,9 @@ def check_logits(model, decoder, encoder, tiles, length, seed, chunks=(None, 1, 
     ids = prompts_for(tiles, length, decoder.vocab_size, image_token, seed)
     with torch.inference_mode():
         ref = model(input_ids=torch.tensor(ids), **hf_forward_inputs(encoder, pictures, ids, image_token)).logits
-    tokens = our_tokens(encoder, pictures)
-    errors = {chunk: rel_err(teacher_forced_logits(decoder, tokens, torch.tensor(ids), chunk=chunk), ref)
+    tokens, attended = our_tokens(encoder, pictures), our_attended(encoder, pictures)
+    errors = {chunk: rel_err(teacher_forced_logits(decoder, tokens, torch.tensor(ids), chunk=chunk,
+                                                   attended_tokens=attended), ref)
               for chunk in chunks}
     assert all(e <= 1e-4 for e in errors.values()), errors
     return errors
@@ -169,20 +175,25 @@ def test_tiny_logits_match_transformers_with_onednn_packed_weights(tiny):
     check_logits(model, packed, encoder, [4, 1, 2, 3, 4], length=13, seed=2)
 
 
-def test_rows_before_the_image_follow_transformers(tiny):
-    """Several text tokens before <|image|>, and a prompt with no <|image|> at all (its rows never see
-    the image: gated attention to every image token, no MLP, as transformers does)."""
+@pytest.mark.parametrize("tiles", [[4, 4, 4, 4], [1, 2, 3, 1]], ids=["full-images", "padding-tiles"])
+def test_rows_before_the_image_follow_transformers(tiny, tiles):
+    """Several text tokens before <|image|> (as Llama 3.2's chat template writes: the user header
+    comes first), and a prompt with no <|image|> at all: such rows attend to every image token, the
+    padding tiles of a small image included, with no MLP, as transformers does; rows from <|image|>
+    on see the real tiles only."""
     model, decoder, encoder = tiny
     image_token = model.config.image_token_index
-    pictures = images([4, 4, 4], seed=4)
+    pictures = images(tiles, seed=4)
     ids = [[BOS, 7, 8, 9, image_token, 10, 11, 12],
            [BOS, 7, 8, 9, 10, 11, 12, 13],
-           [BOS, image_token, 30, 31, 32, 33, 34, 35]]
+           [BOS, image_token, 30, 31, 32, 33, 34, 35],
+           [BOS, 7, 8, 9, 10, 11, image_token, 12]]
     with torch.inference_mode():
         ref = model(input_ids=torch.tensor(ids), **hf_forward_inputs(encoder, pictures, ids, image_token)).logits
-    tokens = our_tokens(encoder, pictures)
+    tokens, attended = our_tokens(encoder, pictures), our_attended(encoder, pictures)
     for chunk in (None, 1, 3):
-        assert rel_err(teacher_forced_logits(decoder, tokens, torch.tensor(ids), chunk=chunk), ref) <= 1e-4, chunk
+        ours = teacher_forced_logits(decoder, tokens, torch.tensor(ids), chunk=chunk, attended_tokens=attended)
+        assert rel_err(ours, ref) <= 1e-4, chunk
     assert decoder.image_start(ids[1]) == decoder.context_length
 
 
@@ -196,7 +207,9 @@ def test_bf16_decoder_tracks_fp32_transformers(tiny):
     ids = prompts_for([4, 1], 10, decoder.vocab_size, image_token, seed=12)
     with torch.inference_mode():
         ref = model(input_ids=torch.tensor(ids), **hf_forward_inputs(encoder, pictures, ids, image_token)).logits
-    assert rel_err(teacher_forced_logits(half, our_tokens(encoder, pictures), torch.tensor(ids), chunk=3), ref) <= 3e-2
+    ours = teacher_forced_logits(half, our_tokens(encoder, pictures), torch.tensor(ids), chunk=3,
+                                 attended_tokens=our_attended(encoder, pictures))
+    assert rel_err(ours, ref) <= 3e-2
 
 
 # --- the decoder: greedy generation ----------------------------------------------------------------
@@ -216,13 +229,14 @@ def check_greedy(model, decoder, encoder, tiles, lengths, max_new_tokens, seed):
     pictures = images(tiles, seed)
     prompts = [prompts_for([t], n, decoder.vocab_size, image_token, seed + i)[0]
                for i, (t, n) in enumerate(zip(tiles, lengths))]
-    tokens = our_tokens(encoder, pictures)
+    tokens, attended = our_tokens(encoder, pictures), our_attended(encoder, pictures)
     # as end token, a token one row emits after others (random models repeat themselves): that row
     # stops early there, the others may run to max_new_tokens
-    free = generate_greedy(decoder, tokens, prompts, GenerationParams(max_new_tokens))
+    free = generate_greedy(decoder, tokens, prompts, GenerationParams(max_new_tokens), attended_tokens=attended)
     row, stop_at = next((r, k) for r, gen in enumerate(free) for k in range(1, len(gen)) if gen[k] not in gen[:k])
     eos = free[row][stop_at]
-    ours = generate_greedy(decoder, tokens, prompts, GenerationParams(max_new_tokens, stop_ids=(eos,)))
+    ours = generate_greedy(decoder, tokens, prompts, GenerationParams(max_new_tokens, stop_ids=(eos,)),
+                           attended_tokens=attended)
     for i in range(len(prompts)):
         assert ours[i] == hf_greedy(model, encoder, pictures[i], prompts[i], max_new_tokens, eos), i
     assert ours[row] == free[row][:stop_at]
@@ -284,11 +298,13 @@ def test_loader_reads_a_saved_checkpoint(tiny, tmp_path):
     image_token = model.config.image_token_index
     pictures = images([4, 2], seed=10)
     ids = torch.tensor(prompts_for([4, 2], 9, decoder.vocab_size, image_token, seed=10))
-    expected = teacher_forced_logits(decoder, our_tokens(encoder, pictures), ids)
+    attended = our_attended(encoder, pictures)
+    expected = teacher_forced_logits(decoder, our_tokens(encoder, pictures), ids, attended_tokens=attended)
     for d in ("one", "sharded"):
         loaded = mllama_from_hf_dir(tmp_path / d)
         assert loaded.cfg == decoder.cfg
-        assert torch.equal(teacher_forced_logits(loaded, our_tokens(encoder, pictures), ids), expected), d
+        assert torch.equal(teacher_forced_logits(loaded, our_tokens(encoder, pictures), ids,
+                                                 attended_tokens=attended), expected), d
     loaded_encoder = MllamaVisionEncoder.from_hf_dir(tmp_path / "one")
     assert loaded_encoder.weights_digest == encoder.weights_digest
     assert loaded_encoder.preprocess_cfg == encoder.preprocess_cfg

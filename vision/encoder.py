@@ -19,6 +19,9 @@ from vision.preprocess import PreprocessCfg, preprocess
 class ImageFeatures:
     pooled: torch.Tensor  # [embed_dim], not normalized
     tokens: torch.Tensor  # [n_tokens, width]
+    # How many leading tokens text at and after the image attends to; None: all. Mllama's padding
+    # tiles come last: only text BEFORE <|image|> sees them (vision/mllama_encoder.py).
+    attended_tokens: int | None = None
 
 
 class VisionEncoder:

@@ -3,13 +3,13 @@
     PIL image ─ MllamaImageProcessor (tiles, aspect ratio) ─ MllamaVisionModel ─ multi_modal_projector
               ─ ImageFeatures(pooled, tokens)
 
-`tokens` [num_tiles * patches_per_tile, text_hidden] are the projected cross-attention states
-transformers' MllamaModel feeds its cross-attention layers, flattened over the image's real tiles;
-padding tiles (an image with fewer than max_num_tiles tiles) are dropped. The vision model still
-runs on all max_num_tiles tiles, padding included, as transformers does: real tiles attend to padding
-ones there, so their tokens need them. Dropping them afterwards is exact for every text row at or after
-<|image|>, which transformers' cross-attention mask keeps off padding tiles. For rows before it see
-llm/mllama.py. `pooled` is the mean of the tokens (Mllama has no pooled contrastive latent).
+`tokens` [max_num_tiles * patches_per_tile, text_hidden] are the projected cross-attention states
+transformers' MllamaModel feeds its cross-attention layers, flattened over all max_num_tiles tiles:
+the image's real tiles first, then its padding tiles (an image with fewer tiles than the maximum).
+`attended_tokens` = real tiles * patches_per_tile: text at and after <|image|> attends to those only
+(transformers' cross-attention mask); text before it attends to all of them, padding tiles included
+(transformers turns its all-masked row into an all-zero one; see llm/mllama.py). `pooled` is the mean
+of the real tiles' tokens (Mllama has no pooled contrastive latent).
 
 The processor is built from the checkpoint's preprocessor_config.json (offline, a plain constructor);
 its settings are `preprocess_cfg`, part of the feature-cache key with `name` and `weights_digest`.
@@ -135,9 +135,10 @@ class MllamaVisionEncoder:
                                    aspect_ratio_mask=aspect_ratio_mask).last_hidden_state
         projected = self.projector(states)  # [B, 1, max_tiles, patches, text_hidden]
         features = []
+        patches = projected.shape[3]
         for b, (n,) in enumerate(num_tiles):
-            tokens = projected[b, 0, :n].reshape(-1, projected.shape[-1])
-            features.append(ImageFeatures(tokens.mean(0), tokens))
+            tokens = projected[b, 0].reshape(-1, projected.shape[-1])
+            features.append(ImageFeatures(tokens[: n * patches].mean(0), tokens, attended_tokens=n * patches))
         return features
 
     def encode(self, images: list[Image.Image]) -> list[ImageFeatures]:
