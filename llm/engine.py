@@ -48,6 +48,11 @@ class ImageInput:
     tokens: torch.Tensor  # [N, width]
     attended_tokens: int | None = None  # text at/after the image sees tokens[:attended_tokens]; None: all
 
+    def __post_init__(self) -> None:
+        n = self.tokens.shape[0]
+        if self.attended_tokens is not None and not 0 < self.attended_tokens <= n:
+            raise ValueError(f"attended_tokens must be in 1..{n} (the image's tokens), got {self.attended_tokens}")
+
     @classmethod
     def from_features(cls, features, digest: str | None = None) -> "ImageInput":
         """From vision ImageFeatures; the digest defaults to one of the tokens' bytes."""

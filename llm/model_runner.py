@@ -137,8 +137,6 @@ class ModelRunner:
         """`attended_tokens`: text at and after the image sees only the image's first tokens (Mllama's
         real tiles); text before it sees them all. None: every row sees every token."""
         n = image_tokens.shape[0]
-        if attended_tokens is not None and not 0 < attended_tokens <= n:
-            raise ValueError(f"attended_tokens must be in 1..{n} (the image's tokens), got {attended_tokens}")
         self.cross_pool.acquire(image_digest)
         self._requests[request_id] = _RequestState(
             image_digest, None if image_digest in self.cross_pool else image_tokens,

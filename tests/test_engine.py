@@ -241,3 +241,11 @@ def test_a_prompt_that_fills_the_context_is_rejected_naming_both_numbers(demo_ru
     context = demo_runtime.context_length
     with pytest.raises(PromptRejected, match=f"maximum context length is {context} tokens.*prompt has {context} tokens"):
         generate_greedy(demo_runtime.decoder, images[0].tokens[None], [[1] * context], GenerationParams(4))
+
+
+def test_an_image_input_names_a_bad_attended_token_count():
+    tokens = torch.zeros(6, 4)
+    assert ImageInput("d", tokens, 6).attended_tokens == 6
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match=f"attended_tokens must be in 1..6.*got {bad}"):
+            ImageInput("d", tokens, bad)
