@@ -121,7 +121,7 @@ def test_top_k_1_equals_greedy_and_repetition_penalty_changes_repeats(demo_runti
 
 
 def test_stop_strings_cut_the_text_and_finish_with_stop(demo_runtime, scenes, images):
-    scene, image = scenes[0], images[0]
+    image = images[0]
     full = engine(demo_runtime).generate([(prompt(demo_runtime), image, SamplingParams(max_tokens=20))])[0].text
     word = full.split()[2]
     out = engine(demo_runtime).generate([(prompt(demo_runtime), image, SamplingParams(max_tokens=20,
