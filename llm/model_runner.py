@@ -30,6 +30,11 @@ def _nbytes(kv: CrossKV) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
 
 
+def _prefix_mask(counts: list[int], length: int, device: torch.device) -> torch.Tensor:
+    """[len(counts), length] bool: row i is True on its first counts[i] positions."""
+    return torch.arange(length, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+
+
 def _stack_or_view(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
     """[t_0 .. t_B-1] (each [Hkv, N, D]) as one [B, Hkv, length, D]: a view when they sit at equal
     steps in one storage with equal shapes and strides (images projected together), else a padded copy."""
@@ -229,7 +234,7 @@ class ModelRunner:
                 pos = torch.arange(longest, device=dev)
                 decode_slots = tables[:, pos // bs] * bs + pos % bs
                 if min(lens) != longest:
-                    decode_mask = (pos[None, :] < torch.tensor(lens, device=dev)[:, None])[:, None, None, :]
+                    decode_mask = _prefix_mask(lens, longest, dev)[:, None, None, :]
             decode_cross, cross_mask = self._stack_decode_cross(
                 tuple((digests[c.request_id], self._requests[c.request_id].cross_keys(c.start)) for c in decodes),
                 image_index, image_kvs)
@@ -261,11 +266,10 @@ class ModelRunner:
     def _prefill_cross_mask(self, chunk: ScheduledChunk) -> torch.Tensor | None:
         """[T, N] which image tokens each row of a prefill chunk attends to; None: all, every row."""
         state = self._requests[chunk.request_id]
+        if state.attended_tokens == state.image_length or chunk.end <= state.image_start:
+            return None  # every row sees every token (CoCa; a Mllama image with no padding tiles)
         counts = [state.cross_keys(p) for p in range(chunk.start, chunk.end)]
-        if min(counts) == state.image_length:
-            return None
-        n = torch.arange(state.image_length, device=self.device)
-        return n[None, :] < torch.tensor(counts, device=self.device)[:, None]
+        return _prefix_mask(counts, state.image_length, self.device)
 
     def _stack_decode_cross(self, decode_keys: tuple[tuple[str, int], ...], image_index: dict[str, int],
                             image_kvs: list[CrossKV]):
@@ -278,10 +282,7 @@ class ModelRunner:
         per_row = [image_kvs[image_index[d]] for d, _ in decode_keys]
         longest = max(kv[0][0].shape[1] for kv in per_row)
         attended = [keys for _, keys in decode_keys]  # the rows' keys: a prefix of their image's tokens
-        mask = None
-        if min(attended) != longest:
-            n = torch.arange(longest, device=self.device)
-            mask = (n[None, :] < torch.tensor(attended, device=self.device)[:, None])[:, None, None, :]
+        mask = _prefix_mask(attended, longest, self.device)[:, None, None, :] if min(attended) != longest else None
         stacked = []
         for layer in range(len(per_row[0])):
             ks = [kv[layer][0] for kv in per_row]
