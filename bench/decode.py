@@ -27,8 +27,7 @@ import torch
 from bench.models import (BOS, EOS, EOT, MLLAMA_TILE, PAD, SOT, open_clip_generate_available, random_coca_b32,
                           random_mllama, random_pictures)
 from bench.report import command_line, publish, table
-from llm.engine import Engine, EngineConfig, ImageInput
-from llm.generate import tensor_digest
+from llm.engine import Engine, EngineConfig, ImageInput, tensor_digest
 from llm.packed_linear import weight_bytes
 from llm.sampling import SamplingParams
 
@@ -191,7 +190,8 @@ def bench_chat(n_ours: int, n_sequential: int, n_batched: int, models, repeats: 
         bat_s = sum(_hf_generate(hf, encoder, batched[i:i + 16], image_token) for i in range(0, len(batched), 16))
         runs["batched"].append(sum(r.new_tokens for r in batched) / bat_s)
     ours_tps, seq_tps, bat_tps = (max(runs[k]) for k in ("ours", "sequential", "batched"))
-    return {"runs_tokens_per_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},"requests_ours": n_ours, "ours_tokens_per_s": ours_tps, "hf_sequential_requests": n_sequential,
+    return {"runs_tokens_per_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+            "requests_ours": n_ours, "ours_tokens_per_s": ours_tps, "hf_sequential_requests": n_sequential,
             "hf_sequential_tokens_per_s": seq_tps, "hf_batched_requests": n_batched,
             "hf_batched_tokens_per_s": bat_tps, "speedup_vs_sequential": ours_tps / seq_tps,
             "speedup_vs_batched": ours_tps / bat_tps, "kv_peak_mib": _kv_peak_mib(engine, peak),
@@ -297,20 +297,19 @@ def bench_bandwidth(models, new_tokens: int, repeats: int) -> dict:
         full = _hf_generate(hf, encoder, [ChatRequest(prompt, new_tokens + 1, 7)], image_token)
         return new_tokens / max(1e-9, full - one)
 
-    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "hf": []}  # (tokens/s, bytes/s ceiling)
+    runs: dict[str, list[dict]] = {"ours": [], "hf": []}
     for _ in range(repeats):
         for name, run in (("ours", ours), ("hf", theirs)):
             before = matvec_bandwidth()
             tps = run()
-            runs[name].append((tps, max(before, matvec_bandwidth())))
-    best = {name: max(r, key=lambda pair: pair[0] * bytes_per_token / pair[1]) for name, r in runs.items()}
-    (ours_tps, ours_bw), (hf_tps, hf_bw) = best["ours"], best["hf"]
-    return {"bandwidth_gb_s": ours_bw / 1e9, "bound_tokens_per_s": ours_bw / bytes_per_token,
-            "ours_tokens_per_s": ours_tps, "ours_fraction": ours_tps * bytes_per_token / ours_bw,
-            "hf_bandwidth_gb_s": hf_bw / 1e9, "hf_tokens_per_s": hf_tps, "hf_fraction": hf_tps * bytes_per_token / hf_bw,
-            "bytes_per_token_mb": bytes_per_token / 1e6, "repeats": repeats,
-            "runs": {name: [{"tokens_per_s": round(t, 1), "gb_s": round(b / 1e9, 1),
-                             "fraction": round(t * bytes_per_token / b, 3)} for t, b in r] for name, r in runs.items()}}
+            ceiling = max(before, matvec_bandwidth())  # bytes/s
+            runs[name].append({"tokens_per_s": tps, "gb_s": ceiling / 1e9, "fraction": tps * bytes_per_token / ceiling})
+    ours_best, hf_best = (max(runs[name], key=lambda r: r["fraction"]) for name in ("ours", "hf"))
+    return {"bandwidth_gb_s": ours_best["gb_s"], "bound_tokens_per_s": ours_best["gb_s"] * 1e9 / bytes_per_token,
+            "ours_tokens_per_s": ours_best["tokens_per_s"], "ours_fraction": ours_best["fraction"],
+            "hf_bandwidth_gb_s": hf_best["gb_s"], "hf_tokens_per_s": hf_best["tokens_per_s"],
+            "hf_fraction": hf_best["fraction"], "bytes_per_token_mb": bytes_per_token / 1e6, "repeats": repeats,
+            "runs": {name: [{k: round(v, 3) for k, v in r.items()} for r in rs] for name, rs in runs.items()}}
 
 
 def load_mllama():

@@ -8,6 +8,7 @@ this loop in its own thread for the server; the CLI and the benchmarks call `gen
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 
@@ -39,6 +40,12 @@ class EngineConfig:
             raise ValueError("engine setting cross_cache_bytes must be >= 0")
 
 
+def tensor_digest(tokens: torch.Tensor) -> str:
+    """A content digest for visual tokens that did not come through the vision stage's cache."""
+    t = tokens.detach().to("cpu").contiguous()
+    return hashlib.sha256(str((t.dtype, tuple(t.shape))).encode() + t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class ImageInput:
     """The visual tokens a request cross-attends to, named by the digest of the features (the vision
@@ -56,8 +63,6 @@ class ImageInput:
     @classmethod
     def from_features(cls, features, digest: str | None = None) -> "ImageInput":
         """From vision ImageFeatures; the digest defaults to one of the tokens' bytes."""
-        from llm.generate import tensor_digest  # noqa: PLC0415 (generate imports this module)
-
         return cls(digest or tensor_digest(features.tokens), features.tokens, features.attended_tokens)
 
 

@@ -8,12 +8,11 @@ returns every position's logits: what the oracle tests compare with reference im
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
-from llm.engine import Engine, EngineConfig, ImageInput
+from llm.engine import Engine, EngineConfig, ImageInput, tensor_digest
 from llm.model_runner import ModelRunner
 from llm.sampling import SamplingParams
 from llm.scheduler import ScheduledChunk
@@ -24,12 +23,6 @@ class GenerationParams:
     max_new_tokens: int = 32
     stop_ids: tuple[int, ...] = ()
     min_new_tokens: int = 0  # stop ids are suppressed until this many tokens were generated
-
-
-def tensor_digest(tokens: torch.Tensor) -> str:
-    """A content digest for visual tokens that did not come through the vision stage's cache."""
-    t = tokens.detach().to("cpu").contiguous()
-    return hashlib.sha256(str((t.dtype, tuple(t.shape))).encode() + t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: list[list[int]],

@@ -12,8 +12,7 @@ import torch
 from demo import world
 from llm.async_engine import AsyncEngine
 from llm.chat_format import CAPTION_QUESTION, Turn
-from llm.engine import Engine, EngineConfig, ImageInput
-from llm.generate import tensor_digest
+from llm.engine import Engine, EngineConfig, ImageInput, tensor_digest
 from llm.sampling import SamplingParams
 
 
