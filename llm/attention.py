@@ -162,6 +162,27 @@ class StepBatch:
         return out
 
 
+def head_major(project, tokens: torch.Tensor, heads: int, head_dim: int, parts: int = 1,
+               chunk_bytes: int = 8 << 20) -> list[torch.Tensor]:
+    """Image K/V for a batch of images, each part contiguous [B, heads, N, head_dim].
+    `project` maps tokens [b, N, W] to [b, N, parts * heads * head_dim] (K and V fused: parts=2).
+
+    Why this layout: decode attention reads every image key once per step, and SDPA over a
+    [B, H, N, D] view of the projection's [B, N, H*D] output (rows H*D floats apart) runs at ~60% of the
+    contiguous speed here (64 images x 255 tokens x 12 layers: 123 vs 72 ms per step). The projection
+    runs a few images at a time into a small scratch that the allocator reuses: one full-size output
+    then a copy would touch twice the fresh pages, which on a VM cost more than the copy."""
+    b, n, _ = tokens.shape
+    outs = [tokens.new_empty(b, heads, n, head_dim) for _ in range(parts)]
+    per_image = n * parts * heads * head_dim * tokens.element_size()
+    step = max(1, chunk_bytes // per_image)
+    for start in range(0, b, step):
+        projected = project(tokens[start:start + step]).view(-1, n, parts, heads, head_dim)
+        for p, out in enumerate(outs):
+            out[start:start + step].copy_(projected[:, :, p].transpose(1, 2))
+    return outs
+
+
 def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """pool [S, H, D] at slots [...] -> [..., H, D]. index_select rather than pool[slots]: on CPU,
     advanced indexing of a few hundred rows costs 10-100x more (it forks a parallel region)."""

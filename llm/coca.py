@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llm.attention import KVShape, StepBatch
+from llm.attention import KVShape, StepBatch, head_major
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +97,10 @@ class CrossAttentionBlock(nn.Module):
         self.mlp = MLP(cfg)
 
     def image_kv(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, N, W] visual tokens -> K, V [B, heads, N, head_dim], strided views of the projection's
-        output (no copy: a captioning batch's image K/V are hundreds of MB, and on a VM fresh pages
-        cost more than the strided reads in attention)."""
-        b, n, w = image_tokens.shape
-        kv = self.kv(self.ln_1_kv(image_tokens)).view(b, n, 2, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        return kv[0], kv[1]
+        """[B, N, W] visual tokens -> K, V [B, heads, N, head_dim], each contiguous (`head_major`)."""
+        k, v = head_major(lambda x: self.kv(self.ln_1_kv(x)), image_tokens, self.heads,
+                          image_tokens.shape[-1] // self.heads, parts=2)
+        return k, v
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         n, w = x.shape

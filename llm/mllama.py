@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.attention import KVShape, StepBatch
+from llm.attention import KVShape, StepBatch, head_major
 
 EXTRA_EMBEDDINGS = 8  # transformers' MllamaTextModel embeds vocab_size + 8 ids; <|image|> is one of them
 
@@ -181,11 +181,14 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def image_kv(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, N, hidden] projected vision tokens -> K, V [B, kv_heads, N, head_dim] (strided views)."""
-        b, n, _ = image_tokens.shape
-        k = self.k_norm(self.k_proj(image_tokens).view(b, n, self.kv_heads, self.head_dim))
-        v = self.v_proj(image_tokens).view(b, n, self.kv_heads, self.head_dim)
-        return k.transpose(1, 2), v.transpose(1, 2)
+        """[B, N, hidden] projected vision tokens -> K, V [B, kv_heads, N, head_dim], each contiguous
+        (`head_major`); k_norm normalises each head's key."""
+        def keys(x: torch.Tensor) -> torch.Tensor:
+            return self.k_norm(self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)))
+
+        (k,) = head_major(keys, image_tokens, self.kv_heads, self.head_dim)
+        (v,) = head_major(self.v_proj, image_tokens, self.kv_heads, self.head_dim)
+        return k, v
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         n = x.shape[0]
