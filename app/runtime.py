@@ -17,7 +17,7 @@ from llm.checkpoint import LoadedModel, load_model_dir
 from llm.coca import CoCaDecoder, decoder_from_open_clip
 from llm.engine import Engine, EngineConfig
 from llm.generate import GenerationParams, generate_greedy
-from llm.packed_linear import dense_copy
+from llm.packed_linear import dense_copy, pack_linears
 from vision.encoder import ImageFeatures, VisionEncoder
 from vision.preprocess import PreprocessCfg
 
@@ -38,6 +38,9 @@ class ModelRuntime:
         self.encoder = VisionEncoder(loaded.model.visual, PreprocessCfg.from_dict(loaded.spec.preprocess),
                                      loaded.spec.name, loaded.weights_digest)
         self.decoder: CoCaDecoder = decoder_from_open_clip(loaded.spec.coca, loaded.model.state_dict())
+        # From here on the tower only infers (for the encoder and zero-shot alike): oneDNN-packed linears
+        # and attention projections, after the decoder took its weights from the state dict.
+        pack_linears(loaded.model.visual)
         self.format = (ChatFormat(self.tokenizer) if loaded.spec.prompt_format == "qa-chat"
                        else CaptionOnlyFormat(self.tokenizer))
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from llm.packed_linear import PackedLinear, dense_copy, onednn_packing_works, pack_linears, weight_bytes
+from llm.packed_linear import (PackedLinear, PackedMultiheadAttention, dense_copy, onednn_packing_works, pack_linears,
+                               weight_bytes)
 
 pytestmark = pytest.mark.skipif(not onednn_packing_works(), reason="this torch build has no oneDNN packed linear")
 
@@ -71,3 +72,60 @@ def test_an_engine_with_packed_weights_decodes_the_same_tokens():
                      SamplingParams(max_tokens=10, ignore_eos=True)) for i in range(6)]
         outputs.append([o.token_ids for o in engine.generate(requests)])
     assert outputs[0] == outputs[1]
+
+
+def _masks(batch: int, heads: int, length: int):
+    causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)  # True = may not attend
+    padding = torch.zeros(batch, length, dtype=torch.bool)
+    padding[0, -2:] = True
+    per_head = torch.randn(batch * heads, length, length)
+    return [{}, {"attn_mask": causal}, {"attn_mask": causal.float().masked_fill(causal, float("-inf"))},
+            {"key_padding_mask": padding}, {"attn_mask": per_head, "key_padding_mask": padding},
+            {"attn_mask": causal, "is_causal": True}]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_packed_attention_computes_what_multihead_attention_computes(batch_first):
+    torch.manual_seed(4)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    packed = nn.Sequential(mha)
+    assert pack_linears(packed) == 1 and isinstance(packed[0], PackedMultiheadAttention)
+    x = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    y = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    with torch.inference_mode():
+        for masks in _masks(3, 4, 7):
+            for weights in (False, True):
+                ours, ours_w = packed[0](x, x, x, need_weights=weights, **masks)
+                ref, ref_w = mha(x, x, x, need_weights=weights, **masks)
+                assert rel_err(ours, ref) <= 1e-5, masks
+                assert (ours_w is None) == (ref_w is None) and (ref_w is None or rel_err(ours_w, ref_w) <= 1e-5)
+        ours, ref = packed[0](x, y, y, need_weights=False)[0], mha(x, y, y, need_weights=False)[0]  # cross
+        assert rel_err(ours, ref) <= 1e-5
+        unbatched = x[:, 0] if batch_first else x[0]
+        assert rel_err(packed[0](unbatched, unbatched, unbatched)[0], mha(unbatched, unbatched, unbatched)[0]) <= 1e-5
+
+
+def test_packed_attention_with_its_own_key_and_value_widths():
+    torch.manual_seed(5)
+    mha = nn.MultiheadAttention(16, 2, kdim=24, vdim=24, batch_first=True).eval()  # open_clip's attention pool
+    packed = PackedMultiheadAttention(mha)
+    q, kv = torch.randn(2, 5, 16), torch.randn(2, 9, 24)
+    with torch.inference_mode():
+        assert rel_err(packed(q, kv, kv, need_weights=False)[0], mha(q, kv, kv, need_weights=False)[0]) <= 1e-5
+    with pytest.raises(ValueError, match="bias_k"):
+        PackedMultiheadAttention(nn.MultiheadAttention(16, 2, add_bias_kv=True))
+
+
+def test_a_packed_open_clip_vit_tower_gives_the_same_features():
+    import copy
+
+    import open_clip
+
+    torch.manual_seed(6)
+    model = open_clip.create_model("coca_ViT-B-32", pretrained=None)  # random weights, no download
+    tower = copy.deepcopy(model.visual).eval()
+    assert pack_linears(tower) == 12 * 3 + 1  # per block: attention, c_fc, c_proj; the attention pool
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        (pooled, tokens), (ref_pooled, ref_tokens) = tower(images), model.visual.eval()(images)
+    assert rel_err(tokens, ref_tokens) <= 1e-5 and rel_err(pooled, ref_pooled) <= 1e-5
