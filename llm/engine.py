@@ -31,6 +31,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     kv_dtype: str | None = None  # None: the model's dtype; "bfloat16" halves the pool
     pack_weights: bool = True  # fp32 on CPU: oneDNN-packed linear weights (llm/packed_linear.py)
+    compile_decode: bool = False  # decode-only steps through torch.compile (llm/model_runner.py)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
@@ -131,7 +132,8 @@ class Engine:
             num_blocks=num_blocks, max_model_len=model.context_length, block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs)))
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.cross_cache_bytes, kv_dtype)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.cross_cache_bytes, kv_dtype,
+                                  compile_decode=config.compile_decode)
         self._live: dict[str, _Live] = {}
 
     @property

@@ -49,10 +49,11 @@ def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: l
 @torch.inference_mode()
 def teacher_forced_logits(model: torch.nn.Module, image_embs: torch.Tensor, ids: torch.Tensor,
                           chunk: int | None = None, block_size: int = 4,
-                          attended_tokens: list[int | None] | None = None) -> torch.Tensor:
+                          attended_tokens: list[int | None] | None = None, forward=None) -> torch.Tensor:
     """ids [B, T] under images [B, N, W] -> logits [B, T, vocab], computed `chunk` tokens per step
     (None: the whole row at once) through the paged KV cache. A small block size makes the rows'
-    blocks interleave in the pool, so block tables are really exercised."""
+    blocks interleave in the pool, so block tables are really exercised. `forward`: what runs each
+    step's batch in place of `model` (its compiled form)."""
     b, t = ids.shape
     chunk = chunk or t
     blocks_per_row = -(-t // block_size)
@@ -69,7 +70,7 @@ def teacher_forced_logits(model: torch.nn.Module, image_embs: torch.Tensor, ids:
                                  False, tables[r], "") for r in range(b)]
         batch, _ = runner._build_batch(chunks)
         batch.logits_rows = torch.arange(batch.num_tokens)  # every position, not just the last
-        out = model(batch)
+        out = (model if forward is None else forward)(batch)
         # _build_batch orders single-token chunks first, then the others, both in the given order
         logits[:, start:end] = out.view(b, end - start, -1).float()
     return logits

@@ -109,10 +109,24 @@ class _RequestState:
         return self.attended_tokens if position >= self.image_start else self.image_length
 
 
+def compiled_for_decode(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's forward through torch.compile (gpt-fast's idea, for decode steps): inductor fuses
+    each layer's small ops (norms, RoPE, residual adds, SwiGLU's gate) into a few kernels and, with
+    its C++ wrapper on the CPU, calls them and the matmuls with no Python in between. Decoding one
+    sequence on this 2-core CPU spends a quarter of each token in those small ops' dispatch: 25-29 vs
+    31-34 ms per token here (bench/RESULTS.md). dynamic=True: one graph for every row count and
+    context length; a new step *kind* (a key mask or none, keys gathered or read in place) compiles
+    once more. The matmuls stay oneDNN's (`packed_linear_op`)."""
+    options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
+    return torch.compile(model, dynamic=True, options=options)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, cross_cache_bytes: int,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, compile_decode: bool = False) -> None:
         self.model = model.eval()
+        # Decode-only steps only: prefill chunks vary more in shape and spend their time in matmuls.
+        self.decode_model = compiled_for_decode(model) if compile_decode else model
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self.kv_dtype = kv_dtype or self.dtype
@@ -161,7 +175,7 @@ class ModelRunner:
         if not chunks:
             return {}
         batch, sampling = self._build_batch(chunks)
-        logits = self.model(batch)
+        logits = (self.model if batch.prefills else self.decode_model)(batch)
         if not sampling:
             return {}
         states = [self._requests[c.request_id] for c in sampling]

@@ -33,6 +33,19 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+# The same call as an opaque custom op, for torch.compile (llm/model_runner.py, `compile_decode`):
+# inductor's own lowering of mkldnn._linear_pointwise expects weights it packed itself and fails on
+# ours. Eager code calls `_packed_linear` directly: a custom op's Python dispatch costs ~10 us a call.
+@torch.library.custom_op("mmserve::packed_linear", mutates_args=())
+def packed_linear_op(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _packed_linear(x, packed, bias)
+
+
+@packed_linear_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
 @functools.cache
 def onednn_packing_works() -> bool:
     """True when this torch build and CPU run oneDNN's packed fp32 linear and get F.linear's answer."""
@@ -65,6 +78,8 @@ class PackedLinear(nn.Module):
         return cls(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return packed_linear_op(x, self.packed_weight, self.bias)
         return _packed_linear(x, self.packed_weight, self.bias)
 
     def to_linear(self) -> nn.Linear:

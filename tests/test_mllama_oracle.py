@@ -17,6 +17,7 @@ from transformers.models.mllama.processing_mllama import (
 )
 
 from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
+from llm.model_runner import compiled_for_decode
 from llm.packed_linear import PackedLinear, onednn_packing_works, pack_linears
 from llm.mllama import MllamaDecoderConfig, mllama_decoder_from_hf_model, mllama_from_hf_dir, rope_inv_freq
 from vision.mllama_encoder import MllamaPreprocessCfg, MllamaVisionEncoder
@@ -145,7 +146,7 @@ def test_encoder_settings_name_the_features(tiny):
 
 # --- the decoder: logits ---------------------------------------------------------------------------
 
-def check_logits(model, decoder, encoder, tiles, length, seed, chunks=(None, 1, 5)) -> dict:
+def check_logits(model, decoder, encoder, tiles, length, seed, chunks=(None, 1, 5), forward=None) -> dict:
     image_token = model.config.image_token_index
     pictures = images(tiles, seed)
     ids = prompts_for(tiles, length, decoder.vocab_size, image_token, seed)
@@ -153,7 +154,7 @@ def check_logits(model, decoder, encoder, tiles, length, seed, chunks=(None, 1, 
         ref = model(input_ids=torch.tensor(ids), **hf_forward_inputs(encoder, pictures, ids, image_token)).logits
     tokens, attended = our_tokens(encoder, pictures), our_attended(encoder, pictures)
     errors = {chunk: rel_err(teacher_forced_logits(decoder, tokens, torch.tensor(ids), chunk=chunk,
-                                                   attended_tokens=attended), ref)
+                                                   attended_tokens=attended, forward=forward), ref)
               for chunk in chunks}
     assert all(e <= 1e-4 for e in errors.values()), errors
     return errors
@@ -173,6 +174,17 @@ def test_tiny_logits_match_transformers_with_onednn_packed_weights(tiny):
     # self-attention layers: qkv, o, gate_up, down; cross-attention layers: q, k, v, o, gate_up, down
     assert onednn_packing_works() and pack_linears(packed) == 3 * 4 + 2 * 6 + 1
     check_logits(model, packed, encoder, [4, 1, 2, 3, 4], length=13, seed=2)
+
+
+def test_compiled_decode_steps_match_transformers(tiny):
+    """Decode steps through torch.compile (EngineConfig.compile_decode) on packed weights: a batch of
+    rows whose images differ in length (keys gathered and masked), and a lone row (keys read in place)."""
+    model, _, encoder = tiny
+    packed = mllama_decoder_from_hf_model(model)
+    pack_linears(packed)
+    compiled = compiled_for_decode(packed)
+    check_logits(model, packed, encoder, [4, 1, 2, 3, 4], length=13, seed=2, chunks=(1,), forward=compiled)
+    check_logits(model, packed, encoder, [2], length=9, seed=3, chunks=(1,), forward=compiled)
 
 
 @pytest.mark.parametrize("tiles", [[4, 4, 4, 4], [1, 2, 3, 1]], ids=["full-images", "padding-tiles"])
