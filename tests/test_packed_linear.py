@@ -79,8 +79,9 @@ def _masks(batch: int, heads: int, length: int):
     padding = torch.zeros(batch, length, dtype=torch.bool)
     padding[0, -2:] = True
     per_head = torch.randn(batch * heads, length, length)
+    float_padding = torch.zeros(batch, length).masked_fill(padding, float("-inf"))
     return [{}, {"attn_mask": causal}, {"attn_mask": causal.float().masked_fill(causal, float("-inf"))},
-            {"key_padding_mask": padding}, {"attn_mask": per_head, "key_padding_mask": padding},
+            {"key_padding_mask": padding}, {"attn_mask": per_head, "key_padding_mask": float_padding},
             {"attn_mask": causal, "is_causal": True}]
 
 
