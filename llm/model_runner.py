@@ -247,7 +247,8 @@ class ModelRunner:
                     tables[i, : len(c.block_table)] = torch.tensor(c.block_table[: tables.shape[1]])
                 pos = torch.arange(longest, device=dev)
                 decode_slots = tables[:, pos // bs] * bs + pos % bs
-                if min(lens) != longest:
+                # A compiled step always gets a mask: one graph for all batches (each kind compiles apart)
+                if min(lens) != longest or self.decode_model is not self.model:
                     decode_mask = _prefix_mask(lens, longest, dev)[:, None, None, :]
             decode_cross, cross_mask = self._stack_decode_cross(
                 tuple((digests[c.request_id], self._requests[c.request_id].cross_keys(c.start)) for c in decodes),
@@ -296,7 +297,9 @@ class ModelRunner:
         per_row = [image_kvs[image_index[d]] for d, _ in decode_keys]
         longest = max(kv[0][0].shape[1] for kv in per_row)
         attended = [keys for _, keys in decode_keys]  # the rows' keys: a prefix of their image's tokens
-        mask = _prefix_mask(attended, longest, self.device)[:, None, None, :] if min(attended) != longest else None
+        always = self.decode_model is not self.model  # as the key mask in _build_batch
+        mask = (_prefix_mask(attended, longest, self.device)[:, None, None, :]
+                if always or min(attended) != longest else None)
         stacked = []
         for layer in range(len(per_row[0])):
             ks = [kv[layer][0] for kv in per_row]
