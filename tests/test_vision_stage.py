@@ -225,3 +225,26 @@ def test_settings_build_the_stage_config_and_refuse_bad_vision_values():
                 {"visual_token_reduction": "zip"}, {"encoder_max_batch": 0}, {"remote_image_timeout_s": 0.0}):
         with pytest.raises(ValueError):
             Settings(**bad)
+
+
+def test_mllama_features_keep_their_attended_tiles_through_both_cache_tiers(tmp_path):
+    """Llama-3.2-Vision's encoder behind the same stage: its features come back from the hot and the disk
+    tier with `attended_tokens` (the decoder's padding-tile mask needs it), and reducing them is refused."""
+    from vision.mllama_encoder import MllamaVisionEncoder
+    from tests.test_mllama_oracle import PREPROCESS, SMALL_VISION, TINY_TEXT, random_mllama
+
+    mllama = MllamaVisionEncoder.from_hf_model(random_mllama(TINY_TEXT, SMALL_VISION), PREPROCESS)
+    data = png(21, size=(20, 40))  # two of four tiles
+    expected = mllama.encode([Image.open(io.BytesIO(data)).convert("RGB")])[0]
+    assert expected.attended_tokens < expected.tokens.shape[0]
+    config = VisionStageConfig(disk_dir=str(tmp_path / "features"), disk_bytes=1 << 24)
+    with VisionStage(mllama, config) as first:
+        computed, hot = first.features(data), first.features(data)
+        with pytest.raises(VisualTokensError, match="cannot be reduced"):
+            first.features(data, visual_tokens=4)
+    with VisionStage(mllama, config) as second:
+        from_disk = second.features(data)
+    assert (computed.source, hot.source, from_disk.source) == ("computed", "hot", "disk")
+    for result in (computed, hot, from_disk):
+        assert result.features.attended_tokens == expected.attended_tokens
+        assert torch.allclose(result.features.tokens, expected.tokens, atol=1e-6)

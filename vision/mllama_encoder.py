@@ -79,12 +79,17 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 class MllamaVisionEncoder:
+    # Its tokens are max_image_tiles tiles, padding ones included, that the decoder's masks address by
+    # position (ImageFeatures.attended_tokens): the vision stage must not reduce them.
+    reducible_tokens = False
+
     def __init__(self, vision_model: nn.Module, projector: nn.Linear, preprocess_cfg: MllamaPreprocessCfg,
                  name: str, weights_digest: str) -> None:
         if vision_model.config.max_num_tiles != preprocess_cfg.max_image_tiles:
             raise ValueError(f"vision model has {vision_model.config.max_num_tiles} tiles, the preprocessor "
                              f"{preprocess_cfg.max_image_tiles}")
         self.vision_model, self.projector = vision_model.eval(), projector.eval()
+        self.visual = self.vision_model  # what the vision stage inspects (no token grid, no pool query)
         self.preprocess_cfg = preprocess_cfg
         self.processor = preprocess_cfg.image_processor()
         self.name = name

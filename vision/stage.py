@@ -150,6 +150,9 @@ class VisionStage:
         """Raises `VisualTokensError` for a bad `visual_tokens` and an `ImageError` subclass for an image
         it refuses (both before anything is cached)."""
         spec = self.reduction_for(visual_tokens)
+        if spec.method != "none" and not getattr(self.encoder, "reducible_tokens", True):
+            raise VisualTokensError(f"{self.encoder.name}'s visual tokens are fixed image tiles and cannot be "
+                                    f"reduced; send no visual_tokens")
         with self._lock:
             self._requests += 1
         try:
@@ -160,7 +163,9 @@ class VisionStage:
             with self._lock:
                 self._image_errors += 1
             raise
-        return VisionResult(ImageFeatures(tensors["pooled"], tensors["tokens"]), key.digest(), found)
+        attended = tensors.get("attended_tokens")
+        features = ImageFeatures(tensors["pooled"], tensors["tokens"], None if attended is None else int(attended))
+        return VisionResult(features, key.digest(), found)
 
     def _compute(self, data: bytes, spec: ReductionSpec) -> dict[str, torch.Tensor]:
         image = open_image(data, self.config.intake)
@@ -169,7 +174,10 @@ class VisionStage:
         grid = self._grid if self._grid is not None and self._grid[0] * self._grid[1] == n else None
         query = self._query if spec.method == "keep" else None
         tokens = reduce(features.tokens, spec, grid=grid, pooled=query)
-        return {"pooled": features.pooled.contiguous(), "tokens": tokens.contiguous()}
+        out = {"pooled": features.pooled.contiguous(), "tokens": tokens.contiguous()}
+        if features.attended_tokens is not None:  # cached with the tokens: the decoder's masks need it
+            out["attended_tokens"] = torch.tensor(features.attended_tokens, dtype=torch.int64)
+        return out
 
     def clear_hot_cache(self) -> None:
         self._cache.clear_hot_tier()
