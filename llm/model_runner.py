@@ -113,8 +113,8 @@ def compiled_for_decode(model: torch.nn.Module) -> torch.nn.Module:
     """The model's forward through torch.compile (gpt-fast's idea, for decode steps): inductor fuses
     each layer's small ops (norms, RoPE, residual adds, SwiGLU's gate) into a few kernels and, with
     its C++ wrapper on the CPU, calls them and the matmuls with no Python in between. Decoding one
-    sequence on this 2-core CPU spends a quarter of each token in those small ops' dispatch: 25-29 vs
-    31-34 ms per token here (bench/RESULTS.md). dynamic=True: one graph for every row count and
+    sequence on this 2-core CPU spends a quarter of each token in those small ops' dispatch: 25-26 vs
+    29-32 ms per token in bench/RESULTS.md's run. dynamic=True: one graph for every row count and
     context length; a new step *kind* (a key mask or none, keys gathered or read in place) compiles
     once more. The matmuls stay oneDNN's (`packed_linear_op`)."""
     options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
