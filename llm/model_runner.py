@@ -140,6 +140,10 @@ class ModelRunner:
         self._requests: dict[str, _RequestState] = {}
         self._stacked: tuple[tuple[tuple[str, int], ...], list, torch.Tensor | None] | None = None
 
+    @property
+    def compiled_decode(self) -> bool:
+        return self.decode_model is not self.model
+
     @staticmethod
     def blocks_for_budget(model: torch.nn.Module, budget_bytes: int, block_size: int,
                           kv_dtype: torch.dtype) -> int:
@@ -248,7 +252,7 @@ class ModelRunner:
                 pos = torch.arange(longest, device=dev)
                 decode_slots = tables[:, pos // bs] * bs + pos % bs
                 # A compiled step always gets a mask: one graph for all batches (each kind compiles apart)
-                if min(lens) != longest or self.decode_model is not self.model:
+                if min(lens) != longest or self.compiled_decode:
                     decode_mask = _prefix_mask(lens, longest, dev)[:, None, None, :]
             decode_cross, cross_mask = self._stack_decode_cross(
                 tuple((digests[c.request_id], self._requests[c.request_id].cross_keys(c.start)) for c in decodes),
@@ -297,9 +301,8 @@ class ModelRunner:
         per_row = [image_kvs[image_index[d]] for d, _ in decode_keys]
         longest = max(kv[0][0].shape[1] for kv in per_row)
         attended = [keys for _, keys in decode_keys]  # the rows' keys: a prefix of their image's tokens
-        always = self.decode_model is not self.model  # as the key mask in _build_batch
         mask = (_prefix_mask(attended, longest, self.device)[:, None, None, :]
-                if always or min(attended) != longest else None)
+                if self.compiled_decode or min(attended) != longest else None)  # as the key mask
         stacked = []
         for layer in range(len(per_row[0])):
             ks = [kv[layer][0] for kv in per_row]

@@ -105,9 +105,13 @@ class PackedMultiheadAttention(nn.Module):
     the only use in open_clip's towers) is one matmul; when such a module is called with a separate
     key or value, each input goes through the whole in_proj and keeps its third: correct, not fast."""
 
+    @staticmethod
+    def supports(mha: nn.MultiheadAttention) -> bool:
+        return mha.bias_k is None and not mha.add_zero_attn
+
     def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
-        if mha.bias_k is not None or mha.add_zero_attn:
+        if not self.supports(mha):
             raise ValueError("bias_k / bias_v / add_zero_attn are not supported by the packed attention")
         self.embed_dim, self.num_heads, self.batch_first = mha.embed_dim, mha.num_heads, mha.batch_first
         bias = mha.in_proj_bias
@@ -200,8 +204,7 @@ def pack_linears(model: nn.Module) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and _fp32_cpu(child):
                 setattr(parent, name, PackedLinear(child))
-            elif type(child) is nn.MultiheadAttention and _fp32_cpu(child) and child.bias_k is None \
-                    and not child.add_zero_attn:
+            elif type(child) is nn.MultiheadAttention and _fp32_cpu(child) and PackedMultiheadAttention.supports(child):
                 setattr(parent, name, PackedMultiheadAttention(child))
             else:
                 continue

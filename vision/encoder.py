@@ -25,6 +25,10 @@ class ImageFeatures:
 
 
 class VisionEncoder:
+    # The vision stage may reduce these tokens (pool, merge, prune); an encoder whose tokens the
+    # decoder addresses by position says False (vision/mllama_encoder.py).
+    reducible_tokens = True
+
     def __init__(self, visual: nn.Module, preprocess_cfg: PreprocessCfg, name: str, weights_digest: str) -> None:
         if not getattr(visual, "output_tokens", False):
             raise ValueError("the visual tower must return tokens (set output_tokens=True)")

@@ -150,7 +150,7 @@ class VisionStage:
         """Raises `VisualTokensError` for a bad `visual_tokens` and an `ImageError` subclass for an image
         it refuses (both before anything is cached)."""
         spec = self.reduction_for(visual_tokens)
-        if spec.method != "none" and not getattr(self.encoder, "reducible_tokens", True):
+        if spec.method != "none" and not self.encoder.reducible_tokens:
             raise VisualTokensError(f"{self.encoder.name}'s visual tokens are fixed image tiles and cannot be "
                                     f"reduced; send no visual_tokens")
         with self._lock:
