@@ -34,7 +34,7 @@ class Settings:
     request_timeout_s: float = 60.0
     # The decode engine (llm/engine.py): KV pool and batching.
     kv_cache_bytes: int = 256 * 1024 * 1024  # self-attention KV pool, preallocated at start
-    cross_cache_bytes: int = 256 * 1024 * 1024  # image K/V kept for reuse by later turns and requests
+    cross_cache_bytes: int = 256 * 1024 * 1024  # image K/V pool, preallocated at start; kept for later turns
     kv_block_size: int = 16  # tokens per KV-cache block
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_num_batched_tokens: int = 1024  # tokens per step, prefill chunks and decodes together

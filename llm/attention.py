@@ -61,15 +61,16 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 @dataclass(frozen=True, slots=True)
 class KVShape:
-    """The self-attention KV pool a model needs per token: layers x kv_heads x head_dim."""
+    """The K/V a model keeps per token: layers x kv_heads x head_dim, K and V. A model declares one
+    for its self-attention pool (`kv_shape`) and one for its image K/V (`cross_kv_shape`)."""
 
-    self_layers: int
+    layers: int
     kv_heads: int
     head_dim: int
 
     @property
     def elements_per_token(self) -> int:
-        return 2 * self.self_layers * self.kv_heads * self.head_dim  # K and V
+        return 2 * self.layers * self.kv_heads * self.head_dim  # K and V
 
 
 @dataclass
@@ -163,9 +164,11 @@ class StepBatch:
 
 
 def head_major(project, tokens: torch.Tensor, heads: int, head_dim: int, parts: int = 1,
-               chunk_bytes: int = 8 << 20) -> list[torch.Tensor]:
-    """Image K/V for a batch of images, each part contiguous [B, heads, N, head_dim].
-    `project` maps tokens [b, N, W] to [b, N, parts * heads * head_dim] (K and V fused: parts=2).
+               chunk_bytes: int = 8 << 20, out: tuple[torch.Tensor, ...] | list[torch.Tensor] | None = None
+               ) -> list[torch.Tensor]:
+    """Image K/V for a batch of images, each part contiguous [B, heads, N, head_dim], written into
+    `out` (one tensor per part) when given. `project` maps tokens [b, N, W] to
+    [b, N, parts * heads * head_dim] (K and V fused: parts=2).
 
     Why this layout: decode attention reads every image key once per step, and SDPA over a
     [B, H, N, D] view of the projection's [B, N, H*D] output (rows H*D floats apart) runs at ~60% of the
@@ -173,7 +176,7 @@ def head_major(project, tokens: torch.Tensor, heads: int, head_dim: int, parts: 
     runs a few images at a time into a small scratch that the allocator reuses: one full-size output
     then a copy would touch twice the fresh pages, which on a VM cost more than the copy."""
     b, n, _ = tokens.shape
-    outs = [tokens.new_empty(b, heads, n, head_dim) for _ in range(parts)]
+    outs = list(out) if out is not None else [tokens.new_empty(b, heads, n, head_dim) for _ in range(parts)]
     per_image = n * parts * heads * head_dim * tokens.element_size()
     step = max(1, chunk_bytes // per_image)
     for start in range(0, b, step):

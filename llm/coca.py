@@ -96,10 +96,12 @@ class CrossAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.width)
         self.mlp = MLP(cfg)
 
-    def image_kv(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, N, W] visual tokens -> K, V [B, heads, N, head_dim], each contiguous (`head_major`)."""
+    def image_kv(self, image_tokens: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N, W] visual tokens -> K, V [B, heads, N, head_dim], each contiguous (`head_major`;
+        written into `out` when given)."""
         k, v = head_major(lambda x: self.kv(self.ln_1_kv(x)), image_tokens, self.heads,
-                          image_tokens.shape[-1] // self.heads, parts=2)
+                          image_tokens.shape[-1] // self.heads, parts=2, out=out)
         return k, v
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -125,7 +127,12 @@ class CoCaDecoder(nn.Module):
     # -- what the model runner needs to know --------------------------------------------------------
     @property
     def kv_shape(self) -> KVShape:
-        return KVShape(self_layers=self.cfg.text_layers + self.cfg.multimodal_layers, kv_heads=self.cfg.heads,
+        return KVShape(layers=self.cfg.text_layers + self.cfg.multimodal_layers, kv_heads=self.cfg.heads,
+                       head_dim=self.cfg.width // self.cfg.heads)
+
+    @property
+    def cross_kv_shape(self) -> KVShape:
+        return KVShape(layers=self.cfg.multimodal_layers, kv_heads=self.cfg.heads,
                        head_dim=self.cfg.width // self.cfg.heads)
 
     @property
@@ -140,11 +147,13 @@ class CoCaDecoder(nn.Module):
         """Every CoCa token sees the image."""
         return 0
 
-    def cross_kv(self, image_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Images [B, N, W] -> their K/V [B, heads, N, head_dim] for every multimodal layer: computed
+    def cross_kv(self, image_tokens: torch.Tensor, out: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Images [B, N, W] -> their K/V [B, heads, N, head_dim] for every multimodal layer
+        (`cross_kv_shape`), written into `out` when given (the runner's preallocated pool): computed
         once per image (and for all of a step's new images in one matmul)."""
         image_tokens = image_tokens.to(self.token_embedding.weight.dtype)
-        return [block.image_kv(image_tokens) for block in self.mm_cross]
+        return [block.image_kv(image_tokens, None if out is None else out[i]) for i, block in enumerate(self.mm_cross)]
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """The step's flat tokens -> logits [len(batch.logits_rows), vocab]; K/V go to the pool."""

@@ -26,7 +26,7 @@ from llm.tokenizer import TextTokenizer
 class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int = 256 << 20  # the self-attention KV pool, preallocated
-    cross_cache_bytes: int = 256 << 20  # image K/V kept for reuse once no request holds them
+    cross_cache_bytes: int = 256 << 20  # the image K/V pool, preallocated; kept for reuse
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     kv_dtype: str | None = None  # None: the model's dtype; "bfloat16" halves the pool

@@ -180,14 +180,15 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def image_kv(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_kv(self, image_tokens: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, N, hidden] projected vision tokens -> K, V [B, kv_heads, N, head_dim], each contiguous
-        (`head_major`); k_norm normalises each head's key."""
+        (`head_major`; written into `out` when given); k_norm normalises each head's key."""
         def keys(x: torch.Tensor) -> torch.Tensor:
             return self.k_norm(self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)))
 
-        (k,) = head_major(keys, image_tokens, self.kv_heads, self.head_dim)
-        (v,) = head_major(self.v_proj, image_tokens, self.kv_heads, self.head_dim)
+        (k,) = head_major(keys, image_tokens, self.kv_heads, self.head_dim, out=None if out is None else out[:1])
+        (v,) = head_major(self.v_proj, image_tokens, self.kv_heads, self.head_dim, out=None if out is None else out[1:])
         return k, v
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -253,8 +254,12 @@ class MllamaDecoder(nn.Module):
     # -- what the model runner needs to know --------------------------------------------------------
     @property
     def kv_shape(self) -> KVShape:
-        return KVShape(self_layers=self.cfg.num_layers - len(self.cross_layers), kv_heads=self.cfg.num_kv_heads,
+        return KVShape(layers=self.cfg.num_layers - len(self.cross_layers), kv_heads=self.cfg.num_kv_heads,
                        head_dim=self.cfg.head_dim)
+
+    @property
+    def cross_kv_shape(self) -> KVShape:
+        return KVShape(layers=len(self.cross_layers), kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim)
 
     @property
     def context_length(self) -> int:
@@ -272,11 +277,14 @@ class MllamaDecoder(nn.Module):
         except ValueError:
             return self.cfg.context_length
 
-    def cross_kv(self, image_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Images [B, N, hidden] -> K/V [B, kv_heads, N, head_dim] for every cross-attention layer:
-        computed once per image (and for all of a step's new images of one size in one matmul)."""
+    def cross_kv(self, image_tokens: torch.Tensor, out: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Images [B, N, hidden] -> K/V [B, kv_heads, N, head_dim] for every cross-attention layer
+        (`cross_kv_shape`), written into `out` when given (the runner's preallocated pool): computed
+        once per image (and for all of a step's new images of one size in one matmul)."""
         image_tokens = image_tokens.to(self.embed_tokens.weight.dtype)
-        return [layer.cross_attn.image_kv(image_tokens) for layer in self.cross_layers]
+        return [layer.cross_attn.image_kv(image_tokens, None if out is None else out[i])
+                for i, layer in enumerate(self.cross_layers)]
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """The step's flat tokens -> logits [len(batch.logits_rows), vocab]; K/V go to the pool."""

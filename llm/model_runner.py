@@ -5,30 +5,22 @@
 It turns the scheduler's chunks into one flat `StepBatch`, runs the model, and samples one token for
 every chunk that asks for one. The scheduler and block manager never see a tensor (STYLE lesson 1).
 
-Cross-attention K/V (`CrossKVPool`) depend on the image alone, so they are computed once per feature
-digest and kept while any live request uses them; released ones stay, least recently used first out,
-within a byte budget, so the next turn of a conversation, or another request showing the same image,
-finds them ready.
+Cross-attention K/V depend on the image alone, so they are computed once per feature digest and kept
+in their own preallocated pool (llm/cross_kv_pool.py) for every step, turn and request that shows
+the same image.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from llm.attention import CrossLayerKV, KVShape, PrefillSpan, StepBatch
+from llm.cross_kv_pool import CrossKV, CrossKVPool
 from llm.sampling import RequestSampler, SamplingParams, sample
 from llm.scheduler import ScheduledChunk, SchedulerOutput
-
-CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attention layer: K, V [kv_heads, N, head_dim]
-
-
-def _nbytes(kv: CrossKV) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-
 
 def _prefix_mask(counts: list[int], length: int, device: torch.device) -> torch.Tensor:
     """[len(counts), length] bool: row i is True on its first counts[i] positions."""
@@ -46,53 +38,6 @@ def _stack_or_view(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
             and t.storage_offset() == start + i * step for i, t in enumerate(tensors)):
         return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), start)
     return torch.stack([F.pad(t, (0, 0, 0, length - t.shape[1])) if t.shape[1] < length else t for t in tensors])
-
-
-class CrossKVPool:
-    """Image K/V by feature digest, reference-counted by live requests, LRU among the unreferenced."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[str, CrossKV] = OrderedDict()
-        self._refs: dict[str, int] = {}
-        self.bytes = 0
-        self.hits = self.misses = self.evictions = 0
-
-    def __contains__(self, digest: str) -> bool:
-        return digest in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def acquire(self, digest: str) -> None:
-        self._refs[digest] = self._refs.get(digest, 0) + 1
-
-    def release(self, digest: str) -> None:
-        left = self._refs[digest] - 1
-        if left:
-            self._refs[digest] = left
-        else:
-            del self._refs[digest]
-        self._evict()
-
-    def get(self, digest: str) -> CrossKV | None:
-        kv = self._entries.get(digest)
-        if kv is not None:
-            self._entries.move_to_end(digest)
-        return kv
-
-    def put(self, digest: str, kv: CrossKV) -> None:
-        self._entries[digest] = kv
-        self.bytes += _nbytes(kv)
-        self._evict()
-
-    def _evict(self) -> None:
-        for digest in list(self._entries):
-            if self.bytes <= self.budget_bytes:
-                return
-            if digest not in self._refs:
-                self.bytes -= _nbytes(self._entries.pop(digest))
-                self.evictions += 1
 
 
 @dataclass
@@ -134,9 +79,9 @@ class ModelRunner:
         shape: KVShape = model.kv_shape
         slots = num_blocks * block_size
         self.k_pool = [torch.zeros(slots, shape.kv_heads, shape.head_dim, dtype=self.kv_dtype, device=self.device)
-                       for _ in range(shape.self_layers)]
+                       for _ in range(shape.layers)]
         self.v_pool = [torch.zeros_like(k) for k in self.k_pool]
-        self.cross_pool = CrossKVPool(cross_cache_bytes)
+        self.cross_pool = CrossKVPool(cross_cache_bytes, model.cross_kv_shape, self.dtype, self.device)
         self._requests: dict[str, _RequestState] = {}
         self._stacked: tuple[tuple[tuple[str, int], ...], list, torch.Tensor | None] | None = None
 
@@ -191,8 +136,7 @@ class ModelRunner:
 
     def _image_kvs(self, ordered: list[ScheduledChunk]) -> tuple[dict[str, int], list[CrossKV]]:
         """The step's distinct images in first-use order and their K/V. Images new to the pool are
-        projected together, one matmul per image size; each then holds views into that batch (its
-        memory goes back when the last of them leaves the pool)."""
+        projected together, one matmul per image size, into adjacent places in the pool."""
         image_index: dict[str, int] = {}
         new: dict[str, torch.Tensor] = {}
         for c in ordered:
@@ -208,10 +152,10 @@ class ModelRunner:
         by_shape: dict[tuple, list[str]] = {}
         for d, tokens in new.items():
             by_shape.setdefault(tuple(tokens.shape), []).append(d)
-        for digests in by_shape.values():
-            layers = self.model.cross_kv(torch.stack([new[d] for d in digests]).to(self.device))
-            for i, d in enumerate(digests):
-                self.cross_pool.put(d, [(k[i], v[i]) for k, v in layers])
+        for (num_tokens, _), digests in by_shape.items():
+            start, dest = self.cross_pool.reserve(len(digests), num_tokens)
+            self.model.cross_kv(torch.stack([new[d] for d in digests]).to(self.device), out=dest)
+            self.cross_pool.put(digests, start, dest)
         self.cross_pool.misses += len(new)
         self.cross_pool.hits += len(image_index) - len(new)
         return image_index, [self.cross_pool.get(d) for d in image_index]
