@@ -13,8 +13,9 @@ num_slots = num_blocks * block_size; token t of a sequence sits in slot
 block_table[t // block_size] * block_size + t % block_size.
 
 Two groups, because they want different shapes:
-- decodes (one query each, the latency-bound bulk of serving) run as ONE batched attention: each row
-  gathers its keys through its block table into [B, kv_heads, L_max, head_dim], padding masked;
+- decodes (one query each, the latency-bound bulk of serving) run as a few batched attentions, one
+  per group of rows of similar length (`DecodeKeys`): each row gathers its keys through its block
+  table into [B, kv_heads, L_group, head_dim], padding masked;
 - each prefill chunk runs on its own with a causal mask shifted by its start, so a chunk of 200
   tokens never pads 15 decodes to 200.
 
@@ -74,6 +75,19 @@ class KVShape:
 
 
 @dataclass
+class DecodeKeys:
+    """A run of decode rows (rows of the step) and the self-attention keys they read: through `slots`
+    [rows, L] pool slots, masked by `mask` [rows, 1, 1, L] where a row has fewer than L keys; or, for
+    a lone row whose keys fill consecutive slots, in place: `span` = (first slot, length). Single-stream
+    decoding is latency-bound, and a gather there is a tenth of the step."""
+
+    rows: slice
+    slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    span: tuple[int, int] | None = None
+
+
+@dataclass
 class PrefillSpan:
     """One prefill chunk of the flat batch: rows start..end of the step, positions pos0..pos0+T-1."""
 
@@ -101,8 +115,7 @@ class StepBatch:
     positions: torch.Tensor  # [N]
     slot_mapping: torch.Tensor  # [N] pool slot for each new token's K/V
     num_decodes: int  # rows 0 .. num_decodes-1 are single-token chunks
-    decode_key_slots: torch.Tensor | None  # [B_dec, L_max]
-    decode_key_mask: torch.Tensor | None  # [B_dec, 1, 1, L_max]; None when every row has L_max keys
+    decode_keys: list[DecodeKeys]  # covering rows 0 .. num_decodes-1 in order
     prefills: list[PrefillSpan]
     k_pool: list[torch.Tensor]  # per self-attention layer [num_slots, Hkv, D]
     v_pool: list[torch.Tensor]
@@ -111,9 +124,6 @@ class StepBatch:
     # Rows whose token sees an image (Mllama: tokens after the <|image|> token). None: every row does.
     image_visible: torch.Tensor | None = None  # [N] bool
     logits_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-    # A lone decode whose keys fill consecutive slots (its blocks are in order): (first slot, length),
-    # read in place instead of gathered: single-stream decoding is latency-bound, every op counts.
-    decode_key_span: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -126,13 +136,8 @@ class StepBatch:
         v_pool.index_copy_(0, self.slot_mapping, v.to(v_pool.dtype))
         n_dec = self.num_decodes
         if n_dec:
-            if self.decode_key_span is not None:
-                first, length = self.decode_key_span
-                keys, values = k_pool.narrow(0, first, length)[None], v_pool.narrow(0, first, length)[None]
-            else:
-                keys, values = _gather(k_pool, self.decode_key_slots), _gather(v_pool, self.decode_key_slots)
-            keys, values = keys.to(q.dtype).transpose(1, 2), values.to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-            decoded = _grouped_sdpa(q[:n_dec, :, None], keys, values, self.decode_key_mask)[:, :, 0]
+            parts = [_decode_attention(q[g.rows], k_pool, v_pool, g) for g in self.decode_keys]
+            decoded = parts[0] if len(parts) == 1 else torch.cat(parts)
             if not self.prefills:
                 return decoded
         out = torch.empty_like(q)
@@ -184,6 +189,17 @@ def head_major(project, tokens: torch.Tensor, heads: int, head_dim: int, parts: 
         for p, out in enumerate(outs):
             out[start:start + step].copy_(projected[:, :, p].transpose(1, 2))
     return outs
+
+
+def _decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: DecodeKeys) -> torch.Tensor:
+    """q [B, Hq, D], one query per row -> [B, Hq, D] over the rows' keys in the pool."""
+    if group.span is not None:
+        first, length = group.span
+        keys, values = k_pool.narrow(0, first, length)[None], v_pool.narrow(0, first, length)[None]
+    else:
+        keys, values = _gather(k_pool, group.slots), _gather(v_pool, group.slots)
+    keys, values = keys.to(q.dtype).transpose(1, 2), values.to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+    return _grouped_sdpa(q[:, :, None], keys, values, group.mask)[:, :, 0]
 
 
 def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

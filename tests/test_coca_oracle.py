@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 
 import open_clip
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from llm.coca import decoder_from_open_clip
+from llm import model_runner
 from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
 from llm.packed_linear import onednn_packing_works, pack_linears
 from tests.oracle import open_clip_greedy
@@ -101,7 +103,13 @@ def test_small_coca_greedy_tokens_match_open_clip(small_coca):
     assert decoder_first_token not in ours[0][:3]
 
 
-def test_ragged_prompts_in_one_batch_match_one_by_one(small_coca):
+@pytest.mark.parametrize("split", [False, True], ids=["groups-as-chosen", "every-row-its-own-group"])
+def test_ragged_prompts_in_one_batch_match_one_by_one(small_coca, split, monkeypatch):
+    """Rows of different lengths decode in one step; `split` makes every length its own group of
+    decode rows (llm/model_runner.py `length_groups`, which would keep short rows like these as one)."""
+    chosen = model_runner.length_groups if not split else functools.partial(model_runner.length_groups, group_cost=0)
+    groups_seen = []
+    monkeypatch.setattr(model_runner, "length_groups", lambda lens: groups_seen.append(chosen(lens)) or groups_seen[-1])
     decoder = decoder_from_open_clip(SMALL_COCA, small_coca.state_dict())
     images = torch.randn(4, 3, 64, 64)
     prompts = [[1], [1, 7, 9], [1, 5], [1, 50, 60, 70, 80, 90]]
@@ -111,6 +119,7 @@ def test_ragged_prompts_in_one_batch_match_one_by_one(small_coca):
     ours = generate_greedy(decoder, image_embs, prompts, GenerationParams(12, stop_ids=(eos,)))
     for i, prompt in enumerate(prompts):
         assert ours[i] == reference_new_tokens(small_coca, images[i:i + 1], prompt, eos, len(prompt) + 13, 0)
+    assert max(len(bounds) - 1 for bounds in groups_seen) == (4 if split else 1)
 
 
 # --- the bundled demo checkpoint -------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The image K/V pool: its range allocator (property tests), its arena, eviction and overflow."""
+"""The image K/V pool: its range allocator (property tests), its arena, eviction and overflow; and the
+grouping of decode rows by length."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 
 from llm.attention import KVShape
 from llm.cross_kv_pool import CrossKVPool, TokenRanges
-from llm.model_runner import _stack_or_view
+from llm.model_runner import MAX_DECODE_GROUPS, _stack_or_view, length_groups
 
 SHAPE = KVShape(layers=2, kv_heads=2, head_dim=4)
 TOKEN_BYTES = SHAPE.elements_per_token * 4  # fp32
@@ -107,3 +108,22 @@ def test_a_zero_budget_keeps_nothing_unheld():
     assert "a" in pool
     pool.release("a")
     assert len(pool) == 0 and pool.bytes == 0
+
+
+# -- decode rows grouped by length (llm/model_runner.py) ---------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(lens=st.lists(st.integers(1, 2000), min_size=1, max_size=64), cost=st.integers(0, 1000))
+def test_length_groups_cover_every_row_and_never_read_more_than_one_group(lens, cost):
+    lens = sorted(lens)
+    bounds = length_groups(lens, group_cost=cost)
+    assert bounds[0] == 0 and bounds[-1] == len(lens) and all(a < b for a, b in zip(bounds, bounds[1:]))
+    assert len(bounds) - 1 <= MAX_DECODE_GROUPS
+    padded = sum((e - s) * lens[e - 1] for s, e in zip(bounds, bounds[1:]))
+    assert padded + (len(bounds) - 1) * cost <= len(lens) * lens[-1] + cost
+
+
+def test_length_groups_split_a_chat_batch_and_keep_a_captioning_batch_whole():
+    assert length_groups([40] * 64) == [0, 64]  # every row as long: nothing to save
+    chat = sorted(range(34, 386, 22))  # 16 rows from 34 to 364 keys
+    assert len(length_groups(chat)) - 1 >= 2
