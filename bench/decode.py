@@ -340,11 +340,11 @@ def main() -> None:
     args = parser.parse_args()
     q = args.quick
     t0 = time.perf_counter()
-    cap = bench_captioning(n_ours=16 if q else 64, n_ref=4 if q else 16, repeats=2)
+    cap = bench_captioning(n_ours=16 if q else 64, n_ref=4 if q else 16, repeats=2 if q else 3)
     print(f"captioning done in {time.perf_counter() - t0:.0f} s", flush=True)
     models = load_mllama()
     chat = bench_chat(n_ours=24 if q else 64, n_sequential=3 if q else 12, n_batched=16 if q else 32, models=models,
-                      repeats=2)
+                      repeats=2 if q else 3)
     print(f"chat done in {time.perf_counter() - t0:.0f} s", flush=True)
     turns = bench_multiturn(models, repeats=2 if q else 5)
     bw = bench_bandwidth(models, new_tokens=48 if q else 128, repeats=2 if q else 3)
