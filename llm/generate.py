@@ -38,12 +38,20 @@ def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: l
     kv_bytes = tokens * model.kv_shape.elements_per_token * next(model.parameters()).element_size()
     engine = Engine(model, None, params.stop_ids,
                     EngineConfig(block_size=block_size, kv_cache_bytes=kv_bytes, max_num_seqs=max(1, len(prompts)),
-                                 max_num_batched_tokens=max(512, sum(len(p) for p in prompts))))
+                                 max_num_batched_tokens=max(512, sum(len(p) for p in prompts)),
+                                 cross_cache_bytes=image_kv_bytes(model, image_embs)))
     sampling = SamplingParams(max_tokens=params.max_new_tokens, min_tokens=min(params.min_new_tokens,
                                                                                 params.max_new_tokens))
     attended = attended_tokens or [None] * len(prompts)
     requests = [(p, ImageInput(tensor_digest(e), e, a), sampling) for p, e, a in zip(prompts, image_embs, attended)]
     return [list(o.token_ids) for o in engine.generate(requests)]
+
+
+def image_kv_bytes(model: torch.nn.Module, image_embs) -> int:
+    """What the image K/V of `image_embs` ([B, N, W] or a list of [N_i, W]) take: a throwaway engine's
+    image K/V pool, which is preallocated (and touched) whole, needs no more."""
+    per_token = model.cross_kv_shape.elements_per_token * next(model.parameters()).element_size()
+    return per_token * sum(int(e.shape[0]) for e in image_embs)
 
 
 @torch.inference_mode()
@@ -57,7 +65,7 @@ def teacher_forced_logits(model: torch.nn.Module, image_embs: torch.Tensor, ids:
     b, t = ids.shape
     chunk = chunk or t
     blocks_per_row = -(-t // block_size)
-    runner = ModelRunner(model, b * blocks_per_row, block_size, cross_cache_bytes=1 << 30)
+    runner = ModelRunner(model, b * blocks_per_row, block_size, cross_cache_bytes=image_kv_bytes(model, image_embs))
     tables = [tuple(range(r, b * blocks_per_row, b)) for r in range(b)]  # row r owns blocks r, r+b, ...
     attended = attended_tokens or [None] * b
     for r in range(b):

@@ -127,3 +127,30 @@ def test_length_groups_split_a_chat_batch_and_keep_a_captioning_batch_whole():
     assert length_groups([40] * 64) == [0, 64]  # every row as long: nothing to save
     chat = sorted(range(34, 386, 22))  # 16 rows from 34 to 364 keys
     assert len(length_groups(chat)) - 1 >= 2
+
+
+def test_a_throwaway_engine_pool_holds_exactly_its_images(monkeypatch):
+    """generate_greedy / teacher_forced_logits size their image K/V pool to their images (it is touched
+    whole at start), and every image still lands inside it."""
+    from llm.coca import CoCaDecoder, CoCaDecoderConfig
+    from llm.generate import image_kv_bytes, teacher_forced_logits
+
+    torch.manual_seed(0)
+    decoder = CoCaDecoder(CoCaDecoderConfig(vocab_size=50, width=32, heads=4, text_layers=1, multimodal_layers=2,
+                                            context_length=16)).eval()
+    embs = torch.randn(3, 7, 32)
+    per_token = decoder.cross_kv_shape.elements_per_token * 4
+    assert image_kv_bytes(decoder, embs) == 3 * 7 * per_token
+    assert image_kv_bytes(decoder, [embs[0], embs[1, :5]]) == 12 * per_token
+    pools = []
+    real_init = CrossKVPool.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        pools.append(self)
+
+    monkeypatch.setattr(CrossKVPool, "__init__", spy)
+    teacher_forced_logits(decoder, embs, torch.randint(0, 50, (3, 5)))
+    (pool,) = pools
+    assert pool.capacity_tokens == 21 and len(pool) == 3
+    assert all(entry.start is not None for entry in pool._entries.values())  # none fell outside the arena
