@@ -73,6 +73,9 @@ class KVShape:
     def elements_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim  # K and V
 
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.elements_per_token * torch.finfo(dtype).bits // 8
+
 
 @dataclass
 class DecodeKeys:

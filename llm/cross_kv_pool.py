@@ -80,7 +80,6 @@ class TokenRanges:
 @dataclass
 class _Entry:
     kv: CrossKV
-    nbytes: int
     start: int | None  # first arena slot; None: outside the arena
     tokens: int
 
@@ -88,13 +87,14 @@ class _Entry:
 class CrossKVPool:
     """Image K/V by feature digest, reference-counted by live requests, LRU among the unreferenced.
 
-        dest = pool.reserve(digests, num_tokens)   # per layer (K, V) [B, kv_heads, N, head_dim] to fill
-        pool.put(digests, dest)                    # after the model wrote them
+        start, dest = pool.reserve(len(digests), num_tokens)  # per layer K, V [B, kv_heads, N, head_dim]
+        model.cross_kv(image_tokens, out=dest)                 # the model writes them in place
+        pool.put(digests, start, dest)
     """
 
     def __init__(self, budget_bytes: int, shape: KVShape, dtype: torch.dtype, device: torch.device) -> None:
         self.budget_bytes, self.shape, self.dtype, self.device = budget_bytes, shape, dtype, device
-        self.token_bytes = shape.elements_per_token * torch.finfo(dtype).bits // 8
+        self.token_bytes = shape.bytes_per_token(dtype)
         capacity = budget_bytes // self.token_bytes if self.token_bytes else 0
         per_layer = capacity * shape.kv_heads * shape.head_dim
         # zeros, not empty: the pages are faulted in now, at start, not in a request's first step
@@ -153,11 +153,9 @@ class CrossKVPool:
         """The images `reserve` made room for, now filled: one entry per digest, in order."""
         num_tokens = kv[0][0].shape[2]
         for i, digest in enumerate(digests):
-            image_kv = [(k[i], v[i]) for k, v in kv]
-            nbytes = num_tokens * self.token_bytes
-            self._entries[digest] = _Entry(image_kv, nbytes, None if start is None else start + i * num_tokens,
-                                           num_tokens)
-            self.bytes += nbytes
+            self._entries[digest] = _Entry([(k[i], v[i]) for k, v in kv],
+                                           None if start is None else start + i * num_tokens, num_tokens)
+        self.bytes += len(digests) * num_tokens * self.token_bytes
         self._evict(self._within_budget)
 
     def _within_budget(self) -> bool:
@@ -171,7 +169,7 @@ class CrossKVPool:
             if digest in self._refs:
                 continue
             entry = self._entries.pop(digest)
-            self.bytes -= entry.nbytes
+            self.bytes -= entry.tokens * self.token_bytes
             self.evictions += 1
             if entry.start is not None:
                 self._ranges.release(entry.start, entry.tokens)

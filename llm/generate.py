@@ -35,7 +35,7 @@ def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: l
     context = model.context_length
     # A pool that holds the whole batch at once, so nothing is preempted.
     tokens = sum(-(-min(len(p) + params.max_new_tokens, context) // block_size) + 1 for p in prompts) * block_size
-    kv_bytes = tokens * model.kv_shape.elements_per_token * next(model.parameters()).element_size()
+    kv_bytes = tokens * model.kv_shape.bytes_per_token(next(model.parameters()).dtype)
     engine = Engine(model, None, params.stop_ids,
                     EngineConfig(block_size=block_size, kv_cache_bytes=kv_bytes, max_num_seqs=max(1, len(prompts)),
                                  max_num_batched_tokens=max(512, sum(len(p) for p in prompts)),
@@ -50,7 +50,7 @@ def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: l
 def image_kv_bytes(model: torch.nn.Module, image_embs) -> int:
     """What the image K/V of `image_embs` ([B, N, W] or a list of [N_i, W]) take: a throwaway engine's
     image K/V pool, which is preallocated (and touched) whole, needs no more."""
-    per_token = model.cross_kv_shape.elements_per_token * next(model.parameters()).element_size()
+    per_token = model.cross_kv_shape.bytes_per_token(next(model.parameters()).dtype)
     return per_token * sum(int(e.shape[0]) for e in image_embs)
 
 

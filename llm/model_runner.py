@@ -22,6 +22,7 @@ from llm.cross_kv_pool import CrossKV, CrossKVPool
 from llm.sampling import RequestSampler, SamplingParams, sample
 from llm.scheduler import ScheduledChunk, SchedulerOutput
 
+
 def _prefix_mask(counts: list[int], length: int, device: torch.device) -> torch.Tensor:
     """[len(counts), length] bool: row i is True on its first counts[i] positions."""
     return torch.arange(length, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
@@ -113,8 +114,7 @@ class ModelRunner:
     @staticmethod
     def blocks_for_budget(model: torch.nn.Module, budget_bytes: int, block_size: int,
                           kv_dtype: torch.dtype) -> int:
-        per_token = model.kv_shape.elements_per_token * torch.finfo(kv_dtype).bits // 8
-        return max(1, budget_bytes // (per_token * block_size))
+        return max(1, budget_bytes // (model.kv_shape.bytes_per_token(kv_dtype) * block_size))
 
     @property
     def kv_pool_bytes(self) -> int:
