@@ -97,7 +97,7 @@ class PrefillSpan:
     rows: slice
     key_slots: torch.Tensor  # [pos0 + T] pool slots of positions 0 .. pos0+T-1
     causal_mask: torch.Tensor  # [T, pos0 + T] bool, True = attend
-    cross_index: int  # which image (row of the step's image list) this sequence attends to
+    cross_index: int | None  # which image run (of the step's list) this sequence attends to; None: no image
     cross_mask: torch.Tensor | None = None  # [T, N] bool: the image tokens each row sees; None: all
 
 
@@ -105,9 +105,10 @@ class PrefillSpan:
 class CrossLayerKV:
     """One cross-attention layer's image K/V for the step: the decodes' stacked, each prefill's own."""
 
-    decode_k: torch.Tensor | None  # [B_dec, Hkv, N_max, D]
+    decode_k: torch.Tensor | None  # [B_img, Hkv, N_max, D]: the decode rows that have images
     decode_v: torch.Tensor | None
-    images: list[tuple[torch.Tensor, torch.Tensor]]  # per distinct image: k, v [Hkv, N, D]
+    images: list[tuple[torch.Tensor, torch.Tensor]]  # per distinct image run: k, v [Hkv, N, D]
+    decode_rows: torch.Tensor | None = None  # which decode rows have images (None: all); the others get 0
 
 
 @dataclass
@@ -123,7 +124,7 @@ class StepBatch:
     k_pool: list[torch.Tensor]  # per self-attention layer [num_slots, Hkv, D]
     v_pool: list[torch.Tensor]
     cross: list[CrossLayerKV]  # per cross-attention layer
-    decode_cross_mask: torch.Tensor | None = None  # [B_dec, 1, 1, N_max] when images differ in length
+    decode_cross_mask: torch.Tensor | None = None  # [B_img, 1, 1, N_max] when rows see different keys
     # Rows whose token sees an image (Mllama: tokens after the <|image|> token). None: every row does.
     image_visible: torch.Tensor | None = None  # [N] bool
     logits_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
@@ -153,17 +154,26 @@ class StepBatch:
         return out
 
     def cross_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """q [N, Hq, D] -> attention over each row's image K/V [N, Hq, D]."""
+        """q [N, Hq, D] -> attention over each row's image K/V [N, Hq, D]; zero for rows of requests
+        with no image (their cross-attention layers must leave them unchanged: llm/mllama.py)."""
         kv = self.cross[layer]
         n_dec = self.num_decodes
-        if n_dec:
-            decoded = _grouped_sdpa(q[:n_dec, :, None], kv.decode_k, kv.decode_v, self.decode_cross_mask)[:, :, 0]
-            if not self.prefills:
-                return decoded
+        if n_dec and kv.decode_k is not None:
+            rows = q[:n_dec] if kv.decode_rows is None else q[kv.decode_rows]
+            decoded = _grouped_sdpa(rows[:, :, None], kv.decode_k, kv.decode_v, self.decode_cross_mask)[:, :, 0]
+            if kv.decode_rows is not None:
+                decoded = torch.zeros_like(q[:n_dec]).index_copy_(0, kv.decode_rows, decoded)
+        elif n_dec:
+            decoded = torch.zeros_like(q[:n_dec])
+        if n_dec and not self.prefills:
+            return decoded
         out = torch.empty_like(q)
         if n_dec:
             out[:n_dec] = decoded
         for span in self.prefills:
+            if span.cross_index is None:
+                out[span.rows] = 0
+                continue
             k, v = kv.images[span.cross_index]
             qs = q[span.rows].transpose(0, 1)[None]  # [1, Hq, T, D]
             mask = None if span.cross_mask is None else span.cross_mask[None, None]

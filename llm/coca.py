@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from llm.attention import KVShape, StepBatch, head_major
+from llm.cross_plan import CrossPlan, ImageSpan
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +144,11 @@ class CoCaDecoder(nn.Module):
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
-    def image_start(self, prompt_ids: list[int]) -> int:
-        """Every CoCa token sees the image."""
-        return 0
+    def cross_plan(self, prompt_ids: list[int], images: list[ImageSpan]) -> CrossPlan:
+        """Every CoCa token sees its one image, all of it."""
+        if len(images) != 1:
+            raise ValueError(f"a CoCa decoder cross-attends to exactly one image, got {len(images)}")
+        return CrossPlan.everything(images[0].length)
 
     def cross_kv(self, image_tokens: torch.Tensor, out: list[tuple[torch.Tensor, torch.Tensor]] | None = None
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:

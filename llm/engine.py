@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections import abc
 from dataclasses import dataclass
 
 import torch
 
+from llm.cross_plan import ImageSpan
 from llm.model_runner import ModelRunner
 from llm.packed_linear import pack_linears
 from llm.sampling import SamplingParams
@@ -65,6 +67,27 @@ class ImageInput:
     def from_features(cls, features, digest: str | None = None) -> "ImageInput":
         """From vision ImageFeatures; the digest defaults to one of the tokens' bytes."""
         return cls(digest or tensor_digest(features.tokens), features.tokens, features.attended_tokens)
+
+    @property
+    def span(self) -> ImageSpan:
+        n = self.tokens.shape[0]
+        return ImageSpan(n, n if self.attended_tokens is None else self.attended_tokens)
+
+
+Images = ImageInput | abc.Sequence[ImageInput] | None  # what a request cross-attends to: one, several (in prompt order), none
+
+
+def image_run(images: Images) -> tuple[str | None, torch.Tensor | None, tuple[ImageSpan, ...]]:
+    """A request's images as the model runner takes them: one run of tokens end to end, named by one
+    digest (an image's own digest when it is alone, so its K/V are shared with every request showing
+    it; a digest of the digests for several), and each image's span. (None, None, ()) for none."""
+    images = (images,) if isinstance(images, ImageInput) else tuple(images or ())
+    if not images:
+        return None, None, ()
+    if len(images) == 1:
+        return images[0].digest, images[0].tokens, (images[0].span,)
+    digest = hashlib.sha256("|".join(i.digest for i in images).encode()).hexdigest()
+    return digest, torch.cat([i.tokens for i in images]), tuple(i.span for i in images)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,15 +163,20 @@ class Engine:
     def context_length(self) -> int:
         return self.model.context_length
 
-    def add_request(self, request_id: str, prompt_ids: list[int], image: ImageInput,
-                    params: SamplingParams) -> None:
-        """Raises llm.scheduler.PromptRejected for a prompt that can never run."""
+    def add_request(self, request_id: str, prompt_ids: list[int], images: Images, params: SamplingParams) -> None:
+        """`images`: one ImageInput, several in prompt order, or None for a text-only request (families
+        that can). Raises llm.scheduler.PromptRejected for a prompt that can never run, ValueError for
+        images the model cannot take."""
+        digest, tokens, spans = image_run(images)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_ids)
-        seq = Sequence(request_id, tuple(prompt_ids), extra_key=image.digest,
+        seq = Sequence(request_id, tuple(prompt_ids), extra_key=digest or "",
                        stop=StopConditions(params.max_tokens, stop_ids, params.min_tokens))
-        self.scheduler.add(seq)
-        self.runner.add_request(request_id, list(prompt_ids), image.digest, image.tokens, params, stop_ids,
-                                image.attended_tokens)
+        self.runner.add_request(request_id, list(prompt_ids), digest, tokens, spans, params, stop_ids)
+        try:
+            self.scheduler.add(seq)
+        except Exception:
+            self.runner.release(request_id)
+            raise
         self._live[request_id] = _Live(seq, IncrementalDetokenizer(self.tokenizer, params.stop), stop_ids)
 
     def abort(self, request_id: str) -> bool:
@@ -185,7 +213,7 @@ class Engine:
                 self.runner.release(request_id)
         return outputs
 
-    def generate(self, requests: list[tuple[list[int], ImageInput, SamplingParams]]) -> list[RequestOutput]:
+    def generate(self, requests: list[tuple[list[int], Images, SamplingParams]]) -> list[RequestOutput]:
         """Run a batch of requests to completion; the final output of each, in order."""
         ids = [f"generate-{uuid.uuid4().hex}" for _ in requests]
         for request_id, (prompt, image, params) in zip(ids, requests):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm.engine import Engine, EngineConfig, ImageInput, tensor_digest
+from llm.engine import Engine, EngineConfig, ImageInput, Images, image_run, tensor_digest
 from llm.model_runner import ModelRunner
 from llm.sampling import SamplingParams
 from llm.scheduler import ScheduledChunk
@@ -25,13 +25,24 @@ class GenerationParams:
     min_new_tokens: int = 0  # stop ids are suppressed until this many tokens were generated
 
 
-def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: list[list[int]],
+def as_images(image_embs, attended_tokens: list[int | None] | None = None) -> list[Images]:
+    """Per row, what a request cross-attends to: `image_embs` [B, N, W] visual tokens (or a list of
+    [N_i, W], one image per row, `attended_tokens` as `ImageInput.attended_tokens`), or already a list
+    of `Images` (several images or none per row)."""
+    if isinstance(image_embs, torch.Tensor) or all(isinstance(e, torch.Tensor) for e in image_embs):
+        attended = attended_tokens or [None] * len(image_embs)
+        return [ImageInput(tensor_digest(e), e, a) for e, a in zip(image_embs, attended)]
+    return list(image_embs)
+
+
+def generate_greedy(model: torch.nn.Module, image_embs, prompts: list[list[int]],
                     params: GenerationParams, block_size: int = 16,
                     attended_tokens: list[int | None] | None = None) -> list[list[int]]:
-    """image_embs: [B, N, W] visual tokens (or a list of [N_i, W]), one per prompt; `attended_tokens`
-    as `ImageInput.attended_tokens`, one per prompt (None: all). Returns the new tokens of each row,
-    stop token excluded. Generation stops at a stop id, at max_new_tokens, or at the context end.
-    A prompt that leaves no room to generate raises llm.scheduler.PromptRejected (the engine's check)."""
+    """`image_embs`, `attended_tokens`: one image per prompt, or a list of `Images` (`as_images`).
+    Returns the new tokens of each row, stop token excluded. Generation stops at a stop id, at
+    max_new_tokens, or at the context end. A prompt that leaves no room to generate raises
+    llm.scheduler.PromptRejected (the engine's check)."""
+    images = as_images(image_embs, attended_tokens)
     context = model.context_length
     # A pool that holds the whole batch at once, so nothing is preempted.
     tokens = sum(-(-min(len(p) + params.max_new_tokens, context) // block_size) + 1 for p in prompts) * block_size
@@ -39,38 +50,35 @@ def generate_greedy(model: torch.nn.Module, image_embs: torch.Tensor, prompts: l
     engine = Engine(model, None, params.stop_ids,
                     EngineConfig(block_size=block_size, kv_cache_bytes=kv_bytes, max_num_seqs=max(1, len(prompts)),
                                  max_num_batched_tokens=max(512, sum(len(p) for p in prompts)),
-                                 cross_cache_bytes=image_kv_bytes(model, image_embs)))
+                                 cross_cache_bytes=image_kv_bytes(model, images)))
     sampling = SamplingParams(max_tokens=params.max_new_tokens, min_tokens=min(params.min_new_tokens,
                                                                                 params.max_new_tokens))
-    attended = attended_tokens or [None] * len(prompts)
-    requests = [(p, ImageInput(tensor_digest(e), e, a), sampling) for p, e, a in zip(prompts, image_embs, attended)]
-    return [list(o.token_ids) for o in engine.generate(requests)]
+    return [list(o.token_ids) for o in engine.generate([(p, i, sampling) for p, i in zip(prompts, images)])]
 
 
-def image_kv_bytes(model: torch.nn.Module, image_embs) -> int:
-    """What the image K/V of `image_embs` ([B, N, W] or a list of [N_i, W]) take: a throwaway engine's
-    image K/V pool, which is preallocated (and touched) whole, needs no more."""
+def image_kv_bytes(model: torch.nn.Module, images: list[Images]) -> int:
+    """What the image K/V of `images` (per request, as `as_images` gives them) take: a throwaway
+    engine's image K/V pool, which is preallocated (and touched) whole, needs no more."""
     per_token = model.cross_kv_shape.bytes_per_token(next(model.parameters()).dtype)
-    return per_token * sum(int(e.shape[0]) for e in image_embs)
+    return per_token * sum(int(t.shape[0]) for _, t, _ in map(image_run, images) if t is not None)
 
 
 @torch.inference_mode()
-def teacher_forced_logits(model: torch.nn.Module, image_embs: torch.Tensor, ids: torch.Tensor,
+def teacher_forced_logits(model: torch.nn.Module, image_embs, ids: torch.Tensor,
                           chunk: int | None = None, block_size: int = 4,
                           attended_tokens: list[int | None] | None = None, forward=None) -> torch.Tensor:
-    """ids [B, T] under images [B, N, W] -> logits [B, T, vocab], computed `chunk` tokens per step
-    (None: the whole row at once) through the paged KV cache. A small block size makes the rows'
-    blocks interleave in the pool, so block tables are really exercised. `forward`: what runs each
-    step's batch in place of `model` (its compiled form)."""
+    """ids [B, T] under images (`as_images`: [B, N, W] or per-row `Images`) -> logits [B, T, vocab],
+    computed `chunk` tokens per step (None: the whole row at once) through the paged KV cache. A small
+    block size makes the rows' blocks interleave in the pool, so block tables are really exercised.
+    `forward`: what runs each step's batch in place of `model` (its compiled form)."""
     b, t = ids.shape
     chunk = chunk or t
+    images = as_images(image_embs, attended_tokens)
     blocks_per_row = -(-t // block_size)
-    runner = ModelRunner(model, b * blocks_per_row, block_size, cross_cache_bytes=image_kv_bytes(model, image_embs))
+    runner = ModelRunner(model, b * blocks_per_row, block_size, cross_cache_bytes=image_kv_bytes(model, images))
     tables = [tuple(range(r, b * blocks_per_row, b)) for r in range(b)]  # row r owns blocks r, r+b, ...
-    attended = attended_tokens or [None] * b
     for r in range(b):
-        runner.add_request(f"row{r}", ids[r].tolist(), tensor_digest(image_embs[r]), image_embs[r],
-                           SamplingParams(), frozenset(), attended[r])
+        runner.add_request(f"row{r}", ids[r].tolist(), *image_run(images[r]), SamplingParams(), frozenset())
     logits = torch.zeros(b, t, model.vocab_size)
     for start in range(0, t, chunk):
         end = min(t, start + chunk)

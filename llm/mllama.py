@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.attention import KVShape, StepBatch, head_major
+from llm.cross_plan import CrossPlan, ImageSpan, image_token_plan
 
 EXTRA_EMBEDDINGS = 8  # transformers' MllamaTextModel embeds vocab_size + 8 ids; <|image|> is one of them
 
@@ -269,13 +270,11 @@ class MllamaDecoder(nn.Module):
     def vocab_size(self) -> int:
         return self.cfg.vocab_size
 
-    def image_start(self, prompt_ids: list[int]) -> int:
-        """The first <|image|> token sees the image, and so does every token after it; tokens before
-        it do not. No <|image|> in the prompt: no position ever does (as transformers' processor)."""
-        try:
-            return prompt_ids.index(self.cfg.image_token_id)
-        except ValueError:
-            return self.cfg.context_length
+    def cross_plan(self, prompt_ids: list[int], images: list[ImageSpan]) -> CrossPlan:
+        """Each image is seen from its <|image|> token on (its real tiles), text before the first one
+        sees every image token (module docstring); no image token: no position is at or after an
+        image, as transformers' processor has it."""
+        return image_token_plan(prompt_ids, self.cfg.image_token_id, images, never=self.cfg.context_length)
 
     def cross_kv(self, image_tokens: torch.Tensor, out: list[tuple[torch.Tensor, torch.Tensor]] | None = None
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:

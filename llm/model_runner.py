@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from llm.attention import CrossLayerKV, DecodeKeys, KVShape, PrefillSpan, StepBatch
 from llm.cross_kv_pool import CrossKV, CrossKVPool
+from llm.cross_plan import CrossPlan, ImageSpan, KeyRanges
 from llm.sampling import RequestSampler, SamplingParams, sample
 from llm.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -26,6 +27,17 @@ from llm.scheduler import ScheduledChunk, SchedulerOutput
 def _prefix_mask(counts: list[int], length: int, device: torch.device) -> torch.Tensor:
     """[len(counts), length] bool: row i is True on its first counts[i] positions."""
     return torch.arange(length, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+
+
+def _ranges_mask(rows: list[KeyRanges], length: int, device: torch.device) -> torch.Tensor:
+    """[len(rows), length] bool: row i is True inside its key ranges."""
+    if all(len(r) == 1 and r[0][0] == 0 for r in rows):  # the common case: a prefix of each row's keys
+        return _prefix_mask([r[0][1] for r in rows], length, device)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, ranges in enumerate(rows):
+        for lo, hi in ranges:
+            mask[i, lo:hi] = True
+    return mask.to(device)
 
 
 # What one more group of decode rows costs (its gathers and attention call per layer) in padded keys:
@@ -64,16 +76,11 @@ def _stack_or_view(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
 
 @dataclass
 class _RequestState:
-    image_digest: str
-    image_tokens: torch.Tensor | None  # dropped once its cross K/V are in the pool
-    image_start: int  # first position that sees the image
+    image_digest: str | None  # names all of the request's image tokens; None: a text-only request
+    image_tokens: torch.Tensor | None  # dropped once their cross K/V are in the pool
+    plan: CrossPlan  # which image tokens each position attends to
     sampler: RequestSampler
     num_prompt_tokens: int
-    attended_tokens: int  # image tokens that positions >= image_start attend to
-    image_length: int  # all of the image's tokens: what positions before image_start attend to
-
-    def cross_keys(self, position: int) -> int:
-        return self.attended_tokens if position >= self.image_start else self.image_length
 
 
 def compiled_for_decode(model: torch.nn.Module) -> torch.nn.Module:
@@ -121,20 +128,22 @@ class ModelRunner:
         return sum(k.numel() * k.element_size() for k in self.k_pool) * 2
 
     # -- request lifetime --------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], image_digest: str, image_tokens: torch.Tensor,
-                    params: SamplingParams, stop_ids: frozenset[int], attended_tokens: int | None = None) -> None:
-        """`attended_tokens`: text at and after the image sees only the image's first tokens (Mllama's
-        real tiles); text before it sees them all. None: every row sees every token."""
-        n = image_tokens.shape[0]
-        self.cross_pool.acquire(image_digest)
+    def add_request(self, request_id: str, prompt_ids: list[int], image_digest: str | None,
+                    image_tokens: torch.Tensor | None, spans: tuple[ImageSpan, ...], params: SamplingParams,
+                    stop_ids: frozenset[int]) -> None:
+        """`image_tokens` [N, W]: the request's images end to end (`spans` their lengths, in prompt
+        order), named by `image_digest`; None for a text-only request. The model's `cross_plan` says
+        which of them each position attends to."""
+        plan = self.model.cross_plan(prompt_ids, list(spans))
+        if image_digest is not None:
+            self.cross_pool.acquire(image_digest)
         self._requests[request_id] = _RequestState(
-            image_digest, None if image_digest in self.cross_pool else image_tokens,
-            self.model.image_start(prompt_ids), RequestSampler(params, stop_ids, prompt_ids, self.device),
-            len(prompt_ids), n if attended_tokens is None else attended_tokens, n)
+            image_digest, None if image_digest is None or image_digest in self.cross_pool else image_tokens, plan,
+            RequestSampler(params, stop_ids, prompt_ids, self.device), len(prompt_ids))
 
     def release(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
-        if state is not None:
+        if state is not None and state.image_digest is not None:
             self.cross_pool.release(state.image_digest)
 
     # -- the step ----------------------------------------------------------------------------------
@@ -163,7 +172,7 @@ class ModelRunner:
         for c in ordered:
             state = self._requests[c.request_id]
             d = state.image_digest
-            if d not in image_index:
+            if d is not None and d not in image_index:
                 image_index[d] = len(image_index)
                 if d not in self.cross_pool:
                     if state.image_tokens is None:  # evicted while held: the refcount forbids it
@@ -201,29 +210,35 @@ class ModelRunner:
                 sampling.append(c)
         positions_t = torch.tensor(positions, device=dev)
 
-        digests = {c.request_id: self._requests[c.request_id].image_digest for c in ordered}
+        states = [self._requests[c.request_id] for c in ordered]
         image_index, image_kvs = self._image_kvs(ordered)
+        cross_layers = self.model.cross_kv_shape.layers
 
-        cross_mask, decode_keys = None, []
-        decode_cross: list = [(None, None)] * len(image_kvs[0])
+        cross_mask, decode_keys, decode_rows = None, [], None
+        decode_cross: list = [(None, None)] * cross_layers
         if decodes:
             decode_keys = self._decode_keys(decodes)
-            decode_cross, cross_mask = self._stack_decode_cross(
-                tuple((digests[c.request_id], self._requests[c.request_id].cross_keys(c.start)) for c in decodes),
-                image_index, image_kvs)
+            with_image = [i for i, s in enumerate(states[: len(decodes)]) if s.image_digest is not None]
+            if len(with_image) < len(decodes):  # text-only rows attend to no image (their output is zero)
+                decode_rows = torch.tensor(with_image, dtype=torch.long, device=dev)
+            if with_image:
+                decode_cross, cross_mask = self._stack_decode_cross(
+                    tuple((states[i].image_digest, states[i].plan.keys_at(decodes[i].start)) for i in with_image),
+                    image_index, image_kvs)
         spans = []
         row = len(decodes)
-        for c in prefills:
+        for c, state in zip(prefills, states[len(decodes):]):
             t = c.num_tokens
             pos = torch.arange(c.end, device=dev)
             table = torch.tensor(c.block_table, device=dev)
             causal = pos[None, :] <= torch.arange(c.start, c.end, device=dev)[:, None]
-            spans.append(PrefillSpan(slice(row, row + t), table[pos // bs] * bs + pos % bs, causal,
-                                     image_index[digests[c.request_id]], self._prefill_cross_mask(c)))
+            cross_index = None if state.image_digest is None else image_index[state.image_digest]
+            spans.append(PrefillSpan(slice(row, row + t), table[pos // bs] * bs + pos % bs, causal, cross_index,
+                                     self._prefill_cross_mask(c, state.plan)))
             row += t
-        cross = [CrossLayerKV(dk, dv, [kv[layer] for kv in image_kvs])
+        cross = [CrossLayerKV(dk, dv, [kv[layer] for kv in image_kvs], decode_rows)
                  for layer, (dk, dv) in enumerate(decode_cross)]
-        starts = [self._requests[c.request_id].image_start for c in ordered]
+        starts = [s.plan.visible_from for s in states]
         image_visible = None
         if any(starts):
             first_seen = torch.tensor([s for c, s in zip(ordered, starts) for _ in range(c.num_tokens)], device=dev)
@@ -259,27 +274,26 @@ class ModelRunner:
             groups.append(DecodeKeys(slice(start, end), tables[:, pos // bs] * bs + pos % bs, mask))
         return groups
 
-    def _prefill_cross_mask(self, chunk: ScheduledChunk) -> torch.Tensor | None:
+    def _prefill_cross_mask(self, chunk: ScheduledChunk, plan: CrossPlan) -> torch.Tensor | None:
         """[T, N] which image tokens each row of a prefill chunk attends to; None: all, every row."""
-        state = self._requests[chunk.request_id]
-        if state.attended_tokens == state.image_length or chunk.end <= state.image_start:
-            return None  # every row sees every token (CoCa; a Mllama image with no padding tiles)
-        counts = [state.cross_keys(p) for p in range(chunk.start, chunk.end)]
-        return _prefix_mask(counts, state.image_length, self.device)
+        if not plan.has_image or plan.sees_all(chunk.start, chunk.end):
+            return None  # every row sees every token (CoCa; one Mllama image with no padding tiles)
+        return _ranges_mask([plan.keys_at(p) for p in range(chunk.start, chunk.end)], plan.num_keys, self.device)
 
-    def _stack_decode_cross(self, decode_keys: tuple[tuple[str, int], ...], image_index: dict[str, int],
+    def _stack_decode_cross(self, decode_keys: tuple[tuple[str, KeyRanges], ...], image_index: dict[str, int],
                             image_kvs: list[CrossKV]):
-        """Per layer, the decodes' image K/V stacked [B, Hkv, N_max, D]. Rebuilt only when the set of
-        decoding requests changes, which in steady decoding is every few dozen steps, not every step;
-        and no copy at all when the rows' images were projected together, in this order (a batch
-        captioning job: 64 images x 12 layers of K/V would be 800 MB to copy)."""
+        """Per layer, the image K/V of the decodes that have images, stacked [B, Hkv, N_max, D]. Rebuilt
+        only when the set of decoding requests changes, which in steady decoding is every few dozen
+        steps, not every step; and no copy at all when the rows' images were projected together, in
+        this order (a batch captioning job: 64 images x 12 layers of K/V would be 800 MB to copy)."""
         if self._stacked is not None and self._stacked[0] == decode_keys:
             return self._stacked[1], self._stacked[2]
         per_row = [image_kvs[image_index[d]] for d, _ in decode_keys]
         longest = max(kv[0][0].shape[1] for kv in per_row)
-        attended = [keys for _, keys in decode_keys]  # the rows' keys: a prefix of their image's tokens
-        mask = (_prefix_mask(attended, longest, self.device)[:, None, None, :]
-                if self.compiled_decode or min(attended) != longest else None)  # as the key mask
+        ranges = [keys for _, keys in decode_keys]
+        every_key = all(r == ((0, longest),) for r in ranges)
+        mask = (_ranges_mask(ranges, longest, self.device)[:, None, None, :]
+                if self.compiled_decode or not every_key else None)  # as the key mask
         stacked = []
         for layer in range(len(per_row[0])):
             ks = [kv[layer][0] for kv in per_row]

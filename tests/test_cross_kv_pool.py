@@ -133,15 +133,16 @@ def test_a_throwaway_engine_pool_holds_exactly_its_images(monkeypatch):
     """generate_greedy / teacher_forced_logits size their image K/V pool to their images (it is touched
     whole at start), and every image still lands inside it."""
     from llm.coca import CoCaDecoder, CoCaDecoderConfig
-    from llm.generate import image_kv_bytes, teacher_forced_logits
+    from llm.generate import as_images, image_kv_bytes, teacher_forced_logits
 
     torch.manual_seed(0)
     decoder = CoCaDecoder(CoCaDecoderConfig(vocab_size=50, width=32, heads=4, text_layers=1, multimodal_layers=2,
                                             context_length=16)).eval()
     embs = torch.randn(3, 7, 32)
     per_token = decoder.cross_kv_shape.elements_per_token * 4
-    assert image_kv_bytes(decoder, embs) == 3 * 7 * per_token
-    assert image_kv_bytes(decoder, [embs[0], embs[1, :5]]) == 12 * per_token
+    assert image_kv_bytes(decoder, as_images(embs)) == 3 * 7 * per_token
+    assert image_kv_bytes(decoder, as_images([embs[0], embs[1, :5]])) == 12 * per_token
+    assert image_kv_bytes(decoder, [None, as_images(embs)[:2]]) == 14 * per_token  # none; two in one request
     pools = []
     real_init = CrossKVPool.__init__
 

@@ -16,6 +16,7 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
+from llm.cross_plan import ImageSpan
 from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
 from llm.model_runner import compiled_for_decode
 from llm.packed_linear import PackedLinear, onednn_packing_works, pack_linears
@@ -206,7 +207,8 @@ def test_rows_before_the_image_follow_transformers(tiny, tiles):
     for chunk in (None, 1, 3):
         ours = teacher_forced_logits(decoder, tokens, torch.tensor(ids), chunk=chunk, attended_tokens=attended)
         assert rel_err(ours, ref) <= 1e-4, chunk
-    assert decoder.image_start(ids[1]) == decoder.context_length
+    no_token = decoder.cross_plan(ids[1], [ImageSpan(len(tokens[1]), attended[1])])
+    assert no_token.visible_from == decoder.context_length  # no <|image|>: no position is at or after it
 
 
 def test_bf16_decoder_tracks_fp32_transformers(tiny):
