@@ -16,6 +16,7 @@ from collections import deque
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import send_error
+from app.request_id import request_id_of
 from app.metrics import Metrics
 
 MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/classify"})
@@ -80,11 +81,11 @@ class AdmissionMiddleware:
         try:
             await self.admission.acquire()
         except Overloaded:
-            self.metrics.rejections.labels("overloaded").inc()
+            self.metrics.rejections.labels("overloaded", "").inc()
             await send_error(send, 429, f"server overloaded: {self.admission.max_active} requests are being "
                              f"processed and {self.admission.max_waiting} are waiting; retry after "
                              f"{self.retry_after_s} s", "overloaded_error", "server_overloaded",
-                             {"Retry-After": str(self.retry_after_s)})
+                             {"Retry-After": str(self.retry_after_s)}, request_id_of(scope))
             return
         try:
             await self.app(scope, receive, send)

@@ -15,6 +15,7 @@ Per-key state only ever exists for configured keys: a flood of made-up keys allo
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import threading
@@ -27,6 +28,7 @@ from litestar import Request
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import send_error
+from app.request_id import request_id_of
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -50,6 +52,12 @@ def load_api_keys(settings: Settings) -> frozenset[str]:
 def api_key_of(request: Request) -> str | None:
     """The key the request was let in with; None when keys are off."""
     return request.scope.get("state", {}).get(API_KEY_STATE)
+
+
+def tenant_of(key: str | None) -> str | None:
+    """The feature-cache salt of a key: tenants never share cached image features (a cache hit would
+    tell one what another sent)."""
+    return hashlib.sha256(key.encode()).hexdigest() if key else None
 
 
 @dataclass
@@ -165,17 +173,17 @@ class AuthMiddleware:
         authorization = _header(scope, b"authorization")
         key = self.access.identify(authorization)
         if key is None:
-            self.metrics.rejections.labels("unauthenticated").inc()
+            self.metrics.rejections.labels("unauthenticated", "").inc()
             message = ("invalid API key" if authorization else
                        "missing API key: send the header 'Authorization: Bearer <key>'")
             await send_error(send, 401, message, "invalid_request_error", "invalid_api_key",
-                             {"WWW-Authenticate": "Bearer"})
+                             {"WWW-Authenticate": "Bearer"}, request_id_of(scope))
             return
         refusal = self.access.admit(key)
         if refusal is not None:
-            self.metrics.rejections.labels(refusal.reason).inc()
+            self.metrics.rejections.labels(refusal.reason, "").inc()
             await send_error(send, refusal.status, refusal.message, refusal.type, refusal.code,
-                             {"Retry-After": str(refusal.retry_after_s)})
+                             {"Retry-After": str(refusal.retry_after_s)}, request_id_of(scope))
             return
         scope.setdefault("state", {})[API_KEY_STATE] = key
         await self.app(scope, receive, send)

@@ -17,13 +17,15 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _load_runtime(model: Path):
-    from app.runtime import ModelRuntime
-    from llm.checkpoint import ModelDirError
+def _load_one(settings: Settings):
+    """The one model `caption` and `ask` use: --model DIR (or the bundled one), as a OneShot."""
+    from app.models.families import load_family_model
+    from app.models.oneshot import OneShot
+    from llm.loading.errors import ModelDirError
 
     try:
-        return ModelRuntime.from_dir(model)
-    except ModelDirError as e:
+        return OneShot(load_family_model(settings.model, max_context=settings.max_model_len or None))
+    except (ModelDirError, ValueError) as e:
         raise SystemExit(_fail(str(e))) from None
 
 
@@ -44,15 +46,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.lifecycle import serve
     from app.server import create_app
 
-    settings = Settings.from_env(host=args.host, port=args.port, model=args.model)
-    runtime = _load_runtime(settings.model)
+    from app.models.entry import ModelEntryError
+    from app.server import load_models
+    from llm.loading.errors import ModelDirError
+
+    settings = Settings.from_env(host=args.host, port=args.port, models=tuple(args.model or ()) or None,
+                                 models_file=args.models)
+    try:
+        models = load_models(settings)
+        app = create_app(settings, models)
+    except (ModelDirError, ModelEntryError) as e:
+        return _fail(str(e))
     url = f"http://{settings.host}:{settings.port}"
-    print(f"mmserve: serving {runtime.name!r} at {url}", flush=True)
+    registry = app.state.registry
+    names = ", ".join(f"{m.name!r} ({m.family}, version {m.version})" for m in registry)
+    print(f"mmserve: serving {names} at {url}" + (f"; model {registry.routed_alias!r} routes between them"
+                                                 if len(registry.models) > 1 and registry.routed_alias else ""),
+          flush=True)
     if SAMPLE_REQUEST.is_file():
         print("Caption the sample image (a ready-to-paste command):\n"
               f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d @{SAMPLE_REQUEST}",
               flush=True)
-    serve(create_app(settings, runtime), settings)  # SIGTERM drains: /ready fails, requests in flight finish
+    serve(app, settings)  # SIGTERM drains: /ready fails, requests in flight finish
     return 0
 
 
@@ -64,7 +79,7 @@ def cmd_caption_folder(args: argparse.Namespace, settings: Settings) -> int:
     if args.batch_size < 1:
         return _fail(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
-        summary = caption_folder(Path(args.images[0]), Path(args.out), lambda: _load_runtime(settings.model),
+        summary = caption_folder(Path(args.images[0]), Path(args.out), lambda: _load_one(settings),
                                  settings.intake_limits, recursive=args.recursive, batch_size=args.batch_size)
     except CaptionJobError as e:
         return _fail(str(e))
@@ -76,7 +91,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     settings = Settings.from_env(model=args.model)
     if args.out:
         return cmd_caption_folder(args, settings)
-    runtime = _load_runtime(settings.model)
+    model = _load_one(settings)
     failed = 0
     for path in args.images:
         image, error = _read_image(path, settings)
@@ -84,21 +99,19 @@ def cmd_caption(args: argparse.Namespace) -> int:
             failed += 1
             print(f"mmserve: error: {error}", file=sys.stderr)
             continue
-        text = runtime.caption([image])[0]
+        text = model.caption([image])[0]
         print(json.dumps({"image": path, "caption": text}) if args.json else f"{path}: {text}", flush=True)
     return 1 if failed else 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from llm.chat_format import Turn
-
     settings = Settings.from_env(model=args.model)
-    runtime = _load_runtime(settings.model)
+    model = _load_one(settings)
     image, error = _read_image(args.image, settings)
     if error:
         return _fail(error)
     try:
-        answer = runtime.answer(image, [Turn(args.question)]).text
+        answer = model.answer(image, args.question)
     except ValueError as e:
         return _fail(str(e))
     print(json.dumps({"image": args.image, "question": args.question, "answer": answer}) if args.json else answer)
@@ -123,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the HTTP server")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
-    serve.add_argument("--model", default=None, help=model_help)
+    serve.add_argument("--model", action="append", metavar="NAME=DIR",
+                       help="a model to serve, NAME=DIR or DIR (repeat for several; default: $MMSERVE_MODEL or "
+                            f"the bundled demo model, {BUNDLED_MODEL})")
+    serve.add_argument("--models", default=None, metavar="FILE",
+                       help="a models.toml: one [[model]] table per model (name, path, family, dtype, "
+                            "visual_tokens, version, aliases, memory_share)")
     serve.set_defaults(func=cmd_serve)
 
     caption = sub.add_parser("caption", help="caption image files, or a folder into a JSONL file (--out)")

@@ -23,7 +23,8 @@ import uvicorn
 from litestar import Litestar
 from PIL import Image
 
-from app.schemas import ChatCompletionRequest, ChatMessage, ImagePart, ImageURL
+from app.chat.schemas import ChatCompletionRequest, ChatMessage, ImagePart, ImageURL
+from app.request_id import RequestIdFilter
 from app.settings import Settings
 
 log = logging.getLogger("mmserve")
@@ -58,12 +59,14 @@ def _tiny_image_url() -> str:
 
 
 async def warm_up(readiness: Readiness, chat, embeddings) -> None:
-    """One caption token through the whole chat path (image intake, vision tower, engine) and one text
-    embedding; readiness turns green only if both went through."""
-    request = ChatCompletionRequest(messages=[ChatMessage("user", [ImagePart(ImageURL(_tiny_image_url()))])],
-                                    max_tokens=1)
+    """One token of every served model through the whole chat path (image intake, vision tower,
+    engine) and one text embedding of each model with contrastive towers; readiness turns green only
+    if all went through."""
     try:
-        await chat.complete(request)
+        for model in chat.registry:
+            parts = [ImagePart(ImageURL(_tiny_image_url()))] if model.capabilities.max_images else "hello"
+            await chat.complete(ChatCompletionRequest(messages=[ChatMessage("user", parts)], model=model.name,
+                                                      max_tokens=1))
         await embeddings.warm_up()
     except Exception as e:  # noqa: BLE001 - reported by /ready; the process stays up for /health and logs
         log.exception("warm-up failed")
@@ -102,8 +105,18 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def configure_logging() -> None:
+    """mmserve's log lines name the request they were written for (app/request_id.py)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+
+
 def serve(app: Litestar, settings: Settings) -> None:
     """Run `app` (made by create_app) until SIGTERM or SIGINT, then drain and exit."""
+    configure_logging()
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=max(1.0, settings.drain_timeout_s))
     DrainingServer(config, app.state.readiness, lambda: app.state.metrics.in_flight_now,

@@ -1,9 +1,13 @@
-"""The litestar app, built by a factory; its lifespan owns the model runtime."""
+"""The litestar app, built by a factory; its lifespan starts the served models (engines, vision stages).
+
+    models = load_models(settings)        # [(entry, family model)]: the CLI loads them first, so a bad
+                                          # directory is a one-line error before anything listens
+    app = create_app(settings, models)    # tests pass models they share between apps
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -16,54 +20,80 @@ from litestar.openapi import OpenAPIConfig
 
 from app.admission import AdmissionControl, AdmissionMiddleware
 from app.auth import AuthMiddleware, KeyAccess
+from app.batches.controller import BatchesController
 from app.batches.service import BatchService
-from app.chat import ChatService
-from app.controllers.batches import BatchesController
-from app.controllers.files import files_router
-from app.controllers.chat import ChatController
-from app.controllers.health import HealthController
-from app.controllers.models import ModelsController
-from app.controllers.classify import ClassifyController
-from app.controllers.embeddings import EmbeddingsController
-from app.controllers.metrics import MetricsController
-from app.embeddings import EmbeddingService
+from app.chat.controller import ChatController
+from app.chat.service import ChatService
+from app.embeddings.controller import ClassifyController, EmbeddingsController
+from app.embeddings.service import EmbeddingService
+from app.errors import EXCEPTION_HANDLERS
+from app.files.controller import files_router
+from app.health.controller import HealthController
+from app.health.metrics_controller import MetricsController
 from app.lifecycle import Readiness, warm_up
 from app.metrics import Metrics, MetricsMiddleware
-from app.errors import EXCEPTION_HANDLERS
-from app.runtime import ModelRuntime
-from app.router import StagedRouter
+from app.models.controller import ModelsController
+from app.models.entry import ModelEntry, memory_shares
+from app.models.families import FamilyModel, load_family_model
+from app.models.registry import ModelRegistry
+from app.models.served import ServedModel
+from app.request_id import RequestIdMiddleware
+from app.routing.staged import StagedRouter
 from app.settings import Settings
-from vision.stage import VisionStage
-from llm.async_engine import AsyncEngine
+
+LoadedModels = list[tuple[ModelEntry, FamilyModel]]
 
 
-def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> Litestar:
-    """`runtime` may be passed in (tests share one loaded model); otherwise the lifespan loads it."""
+def load_models(settings: Settings) -> LoadedModels:
+    """Every entry's checkpoint, loaded (raises ModelDirError / ModelEntryError naming the problem)."""
+    return [(entry, load_family_model(entry.path, entry.family, settings.max_model_len or None))
+            for entry in settings.model_entries()]
+
+
+def build_registry(settings: Settings, models: LoadedModels) -> ModelRegistry:
+    shares = memory_shares([entry for entry, _ in models])
+    served = [ServedModel(entry, model, settings, share) for (entry, model), share in zip(models, shares)]
+    return ModelRegistry(served, settings.router_alias, settings.default_model)
+
+
+def build_router(settings: Settings, registry: ModelRegistry) -> StagedRouter:
+    """Stage 1 and the policy labels answer from one served model's contrastive towers: the one
+    `router_zero_shot_model` names, else the first that has them (none: no stage 1, no policy)."""
+    able = [m for m in registry if m.capabilities.zero_shot]
+    if settings.router_zero_shot_model:
+        chosen = registry.get(settings.router_zero_shot_model)
+        if chosen is None or chosen not in able:
+            raise ValueError(f"setting router_zero_shot_model={settings.router_zero_shot_model!r} names no served "
+                             f"model with zero-shot labels; those that have them: "
+                             f"{', '.join(m.name for m in able) or 'none'}")
+    else:
+        chosen = able[0] if able else None
+    return StagedRouter.build(settings, chosen.model if chosen else None, registry.names(),
+                              zero_shot_name=chosen.name if chosen else None)
+
+
+def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = None) -> Litestar:
+    """`models` may be passed in (tests share loaded models; one FamilyModel is served under its own
+    name); otherwise the settings' entries are loaded here."""
+    if models is None:
+        models = load_models(settings)
+    elif not isinstance(models, list):
+        models = [(ModelEntry("", settings.model), models)]
     # Guards and observability exist before the lifespan runs: middleware and the SIGTERM drain use them.
     metrics, access, readiness = Metrics(), KeyAccess.from_settings(settings), Readiness()
     admission = AdmissionControl(settings.max_concurrent_requests, settings.max_queued_requests)
     metrics.watch_admission(lambda: admission.active, lambda: admission.waiting)
+    registry = build_registry(settings, models)
+    router = build_router(settings, registry)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        loaded = runtime or ModelRuntime.from_dir(settings.model)
-        app.state.runtime = loaded
-        def on_engine_error(error: Exception) -> None:
-            if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-                metrics.record_oom()
-
-        engine = AsyncEngine(loaded.new_engine(settings.engine_config, settings.dtype), on_step=metrics.observe_engine_step,
-                             on_error=on_engine_error)
-        metrics.bind_engine(engine.engine.stats)
-        engine.start()
-        app.state.engine = engine
-        vision = VisionStage(loaded.encoder, settings.vision_stage_config)
-        router = StagedRouter.build(settings, loaded)
-        app.state.chat = ChatService(loaded, engine, vision, settings, metrics, router)
-        app.state.started_at = int(time.time())
-        app.state.embeddings = EmbeddingService(loaded, settings)
+        for served in registry:
+            served.start(metrics)
+        app.state.chat = ChatService(registry, router, settings, metrics)
+        app.state.embeddings = EmbeddingService(registry, settings)
         warming = asyncio.create_task(warm_up(readiness, app.state.chat, app.state.embeddings))
         app.state.batches = BatchService(settings, app.state.chat)
         await app.state.batches.start()  # resumes batches a previous run left unfinished
@@ -71,18 +101,12 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> Lites
             yield
         finally:
             warming.cancel()
-            await app.state.batches.stop()  # before the engine: lines in flight stay pending, rerun next start
-            engine.shutdown()
-            vision.close()
-
-    def provide_runtime(state: State) -> ModelRuntime:
-        return state.runtime
+            await app.state.batches.stop()  # before the engines: lines in flight stay pending, rerun next start
+            for served in registry:
+                served.stop()
 
     def provide_chat(state: State) -> ChatService:
         return state.chat
-
-    def provide_started_at(state: State) -> int:
-        return state.started_at
 
     def provide_embeddings(state: State) -> EmbeddingService:
         return state.embeddings
@@ -94,19 +118,20 @@ def create_app(settings: Settings, runtime: ModelRuntime | None = None) -> Lites
         route_handlers=[ChatController, HealthController, ModelsController, EmbeddingsController, ClassifyController,
                         MetricsController, files_router(settings), BatchesController],
         dependencies={
-            "runtime": Provide(provide_runtime, sync_to_thread=False),
             "chat": Provide(provide_chat, sync_to_thread=False),
-            "started_at": Provide(provide_started_at, sync_to_thread=False),
             "embeddings": Provide(provide_embeddings, sync_to_thread=False),
             "batches": Provide(provide_batches, sync_to_thread=False),
+            "registry": Provide(lambda: registry, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, sync_to_thread=False),
             "access": Provide(lambda: access, sync_to_thread=False),
             "readiness": Provide(lambda: readiness, sync_to_thread=False),
         },
         lifespan=[lifespan],
-        state=State({"metrics": metrics, "readiness": readiness}),
-        # Outermost first: metrics see every answer, the key is checked before a request takes a slot.
-        middleware=[DefineMiddleware(MetricsMiddleware, metrics=metrics),
+        state=State({"metrics": metrics, "readiness": readiness, "registry": registry}),
+        # Outermost first: every response gets its request id, metrics see every answer, the key is
+        # checked before a request takes a slot.
+        middleware=[DefineMiddleware(RequestIdMiddleware),
+                    DefineMiddleware(MetricsMiddleware, metrics=metrics),
                     DefineMiddleware(AuthMiddleware, access=access, metrics=metrics),
                     DefineMiddleware(AdmissionMiddleware, admission=admission, metrics=metrics,
                                      retry_after_s=settings.overload_retry_after_s)],

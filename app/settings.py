@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
+from app.models.entry import ModelEntry, load_models_file, memory_shares, parse_model_flag
 from llm.engine import EngineConfig
 from vision.fetch import FetchPolicy, parse_allowed_hosts
 from vision.intake import IntakeLimits
@@ -22,14 +23,20 @@ DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "mmserve"  # the XDG data 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    # What to serve (app/models/entry.py): `models_file` (a models.toml), else `models` (NAME=DIR or DIR,
+    # the CLI's repeatable --model; MMSERVE_MODELS comma-separated), else `model` (one directory).
     model: Path = BUNDLED_MODEL
+    models: tuple[str, ...] = ()
+    models_file: str = ""
+    default_model: str = ""  # what a request that names no model gets; "" = the first served model
+    max_model_len: int = 0  # caps a model's context (Llama 3.2's is 131072); 0 = what its KV pool holds
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
     max_body_bytes: int = 32 * 1024 * 1024  # a 20 MB image is ~27 MB as base64
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 25_000_000
-    max_images_per_request: int = 1  # CoCa models cross-attend to one image per conversation
+    max_images_per_request: int = 4  # per conversation, for every model (CoCa models take one)
     default_max_tokens: int = 32
     request_timeout_s: float = 60.0
     # The decode engine (llm/engine.py): KV pool and batching.
@@ -66,13 +73,15 @@ class Settings:
     drain_timeout_s: float = 30.0  # after SIGTERM, the most time requests in flight get to finish
     max_embedding_inputs: int = 64  # inputs per /v1/embeddings request
     max_classify_labels: int = 256  # labels per /v1/classify request
-    # The staged router (app/router.py): stage-1 answers, policy refusals, and which model decodes.
+    # The staged router (app/routing/staged.py): stage-1 answers, policy refusals, and which model decodes.
     router_enabled: bool = True  # off: no stage-1 answers, every request to router_small_model (policy still holds)
     router_zero_shot_threshold: float = 0.9  # top zero-shot probability stage 1 needs to answer
     router_min_intent_margin: float = 0.02  # cosine lead of "identification" over the next intent
     router_policy_labels: str = ""  # comma-separated zero-shot labels that refuse the request
     router_policy_threshold: float = 0.5  # probability at which a policy label fires
     router_policy_message: str = "I can't help with this image: it shows something this service does not discuss."
+    router_alias: str = "auto"  # the model name a request sends to be routed by the rules below; "" = none
+    router_zero_shot_model: str = ""  # whose contrastive towers stage 1 and policy use; "" = the first that has them
     router_small_model: str = ""  # "" = the first loaded model
     router_large_model: str = ""  # "" = the first loaded model
     router_large_intents: str = "description,other,out_of_domain"  # comma-separated, go to the large model
@@ -87,6 +96,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
+        object.__setattr__(self, "models", tuple(self.models))
+        if self.max_model_len < 0:
+            raise ValueError(f"setting max_model_len must be >= 0, got {self.max_model_len}")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         for name in ("max_file_bytes", "max_batch_requests", "batch_concurrency"):
             if getattr(self, name) < 1:
@@ -133,6 +145,17 @@ class Settings:
                             max_num_batched_tokens=self.max_num_batched_tokens, kv_dtype=self.kv_dtype or None,
                             compile_decode=self.compile_decode)
 
+    def model_entries(self) -> list[ModelEntry]:
+        """What to serve, validated (names, dtypes, shares); nothing is loaded yet."""
+        if self.models_file:
+            entries = load_models_file(self.models_file)
+        elif self.models:
+            entries = [parse_model_flag(m) for m in self.models]
+        else:
+            entries = [ModelEntry("", self.model)]
+        memory_shares(entries)  # raises when the shares add up to more than all
+        return entries
+
     @property
     def batch_db_path(self) -> Path:
         return Path(self.batch_db) if self.batch_db else self.data_dir / "batches.sqlite3"
@@ -160,7 +183,9 @@ class Settings:
             if raw is not None:
                 kind = type(f.default)
                 try:
-                    values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
+                    values[f.name] = (_parse_bool(raw) if kind is bool else
+                                      tuple(v.strip() for v in raw.split(",") if v.strip()) if kind is tuple else
+                                      kind(raw))
                 except ValueError:
                     raise ValueError(f"MMSERVE_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -81,7 +81,7 @@ def _ours_caption(tower, decoder, pixels: torch.Tensor, new_tokens: int) -> tupl
 def bench_captioning(n_ours: int, n_ref: int, repeats: int, new_tokens: int = 32) -> dict:
     """Each side's best of `repeats` runs, the runs interleaved (see bench_bandwidth on this VM's noise)."""
     model, cfg = random_coca_b32()
-    from llm.coca import decoder_from_open_clip
+    from llm.models.coca import decoder_from_open_clip
 
     decoder = decoder_from_open_clip(cfg, model.state_dict())
     tower = copy.deepcopy(model.visual).eval()  # open_clip's own model stays as it is, for its generate
@@ -324,8 +324,8 @@ def bench_bandwidth(models, new_tokens: int, repeats: int) -> dict:
 
 
 def load_mllama():
-    from llm.mllama import mllama_decoder_from_hf_model
-    from vision.mllama_encoder import MllamaPreprocessCfg, MllamaVisionEncoder
+    from llm.models.mllama import mllama_decoder_from_hf_model
+    from vision.encoders.mllama import MllamaPreprocessCfg, MllamaVisionEncoder
 
     hf = random_mllama()
     decoder = mllama_decoder_from_hf_model(hf, max_context=2048)

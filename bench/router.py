@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from app.intent import IntentClassifier
-from app.router import StagedRouter
-from app.runtime import ModelRuntime
+from app.routing.intent import IntentClassifier
+from app.routing.staged import StagedRouter
+from app.models.families.coca import CoCaModel
 from app.settings import Settings
 from bench.report import command_line, publish, table
-from llm.chat_format import Turn
+from llm.loading.chat_format import Turn
 from tests import independent_world as iw
 
 # Identification phrasings; {c} is a colour that exactly one object has ("what shape is the {colour}
@@ -76,15 +76,15 @@ def _family(question: str) -> str:
             "what shape": "shape (spec)", "is there": "yes/no"}[" ".join(question.split()[:2])]
 
 
-def heavy_only(runtime: ModelRuntime, image, question: str) -> tuple[str, str, float]:
+def heavy_only(runtime: CoCaModel, image, question: str) -> tuple[str, str, float]:
     return runtime.answer(image, [Turn(question)]).text, "decoder", 0.0
 
 
-def routed(runtime: ModelRuntime, router: StagedRouter, image, question: str) -> tuple[str, str, float]:
+def routed(runtime: CoCaModel, router: StagedRouter, image, question: str) -> tuple[str, str, float]:
     """(answer, route, seconds spent deciding)"""
     features = runtime.encode_images([image])[0]
     start = time.perf_counter()
-    decision = router.decide(features, question)
+    decision = router.decide([features], question)
     decide_s = time.perf_counter() - start
     if decision.finished:
         return decision.answer, decision.route, decide_s
@@ -99,12 +99,12 @@ def _timed(fn, *args) -> tuple[str, str, float, float]:
 
 
 def run(n_images: int, seed: int, settings: Settings) -> tuple[list[dict], dict]:
-    runtime = ModelRuntime.from_dir(settings.model)
+    runtime = CoCaModel.from_dir(settings.model)
     t0 = time.perf_counter()
-    router = StagedRouter.build(settings, runtime)
+    router = StagedRouter.build(settings, runtime, [runtime.name])
     load_s = time.perf_counter() - t0
     cold_intents = IntentClassifier(router.intents.embedder, router.intents.data, cache_size=0)
-    cold = StagedRouter.build(settings, runtime, intents=cold_intents)
+    cold = StagedRouter.build(settings, runtime, [runtime.name], intents=cold_intents)
     items = iw.make_eval_set(n_images, seed=seed)
     images = [image for image, _ in items]
     requests = workload([scene for _, scene in items], random.Random(seed))

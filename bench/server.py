@@ -66,40 +66,32 @@ def serving() -> Iterator[str]:
 
 @contextmanager
 def direct_chat() -> Iterator[Callable[[], None]]:
-    """The same model in this process: the vision stage (hot cache) and the engine thread, no HTTP."""
+    """The same model in this process, through the same chat service (router, vision stage with its hot
+    cache, the engine thread), with no HTTP."""
     import msgspec
     import torch
 
-    from app.chat import ChatService
-    from app.runtime import ModelRuntime
-    from app.schemas import ChatCompletionRequest
+    from app.chat.schemas import ChatCompletionRequest
+    from app.chat.service import ChatService
+    from app.models.entry import ModelEntry
+    from app.models.families.coca import CoCaModel
+    from app.server import build_registry, build_router
     from app.settings import Settings
-    from llm.async_engine import AsyncEngine
-    from llm.engine import ImageInput
-    from vision.stage import VisionStage
 
     torch.set_num_threads(1)
     settings = Settings()
-    runtime = ModelRuntime.from_dir(settings.model)
-    engine = AsyncEngine(runtime.new_engine(settings.engine_config))
-    engine.start()
-    vision = VisionStage(runtime.encoder, settings.vision_stage_config)
-    prepared = ChatService(runtime, engine, vision, settings).prepare(
-        msgspec.convert(_request_body(), ChatCompletionRequest))
+    registry = build_registry(settings, [(ModelEntry("", settings.model), CoCaModel.from_dir(settings.model))])
+    chat = ChatService(registry, build_router(settings, registry), settings)
+    for served in registry:
+        served.start()
+    request = msgspec.convert(_request_body(), ChatCompletionRequest)
     loop = asyncio.new_event_loop()
-
-    async def once() -> None:
-        result = vision.features(prepared.image_source)
-        image = ImageInput(result.key, result.features.tokens)
-        async for _ in engine.generate(f"direct-{time.perf_counter_ns()}", prepared.prompt, image, prepared.params):
-            pass
-
     try:
-        yield lambda: loop.run_until_complete(once())
+        yield lambda: loop.run_until_complete(chat.complete(request))
     finally:
         loop.close()
-        engine.shutdown()
-        vision.close()
+        for served in registry:
+            served.stop()
 
 
 def measure(n: int) -> tuple[list[float], list[float]]:

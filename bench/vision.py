@@ -35,10 +35,11 @@ from PIL import Image
 
 from bench.report import command_line, publish, table
 from vision.batcher import MicroBatcher
-from vision.encoder import VisionEncoder
+from vision.encoders.open_clip import VisionEncoder
 from vision.preprocess import PreprocessCfg
 from vision.reduce import ReductionSpec, reduce
-from vision.stage import VisionStage, VisionStageConfig, saliency_query, token_grid
+from vision.encoders.open_clip import tower_grid, tower_saliency_query
+from vision.stage import VisionStage, VisionStageConfig
 
 METHODS = ("pool", "tome", "keep")
 TARGETS = {"hot_hit_over_cold": ("<=", 0.10), "encoder_runs_for_16_concurrent": ("<=", 1),
@@ -198,7 +199,7 @@ def reduction_accuracy(runtime, n_images: int, seed: int = 2026, max_new_tokens:
     """One row per (method, share): tokens, caption exact match, answer accuracy, their mean, and the
     decoder's prefill time for a batch of caption prompts (best of 5: on a shared machine the noise is
     all on the slow side)."""
-    from llm.chat_format import CAPTION_QUESTION, Turn
+    from llm.loading.chat_format import CAPTION_QUESTION, Turn
     from llm.generate import GenerationParams, generate_greedy
     from tests import independent_world as iw
 
@@ -207,7 +208,7 @@ def reduction_accuracy(runtime, n_images: int, seed: int = 2026, max_new_tokens:
         tokens = torch.cat([torch.stack([f.tokens for f in runtime.encoder.encode([im for im, _ in items[i:i + 64]])])
                             for i in range(0, n_images, 64)])
     visual = runtime.encoder.visual
-    grid, query = token_grid(visual), saliency_query(visual)
+    grid, query = tower_grid(visual), tower_saliency_query(visual)
     rows_of, prompts, expected, is_caption = [], [], [], []
     for i, (_, scene) in enumerate(items):
         for question, answer in iw.questions(scene):
@@ -275,7 +276,7 @@ def summarize(lat: dict, disk: dict, runs_16: int, batch: dict, rows: list[dict]
 
 
 def run(sizes: Sizes, preset: str = "ViT-B-32") -> tuple[dict, list[tuple[str, str]], dict]:
-    from app.runtime import ModelRuntime
+    from app.models.families.coca import CoCaModel
     from app.settings import BUNDLED_MODEL
 
     began = time.perf_counter()
@@ -289,7 +290,7 @@ def run(sizes: Sizes, preset: str = "ViT-B-32") -> tuple[dict, list[tuple[str, s
             runs_16 = encoder_runs_for_concurrent(stage, flight)
         disk = disk_hits_in_new_process(preset, disk_dir, cold_set)
     batch = batching(encoder, [Image.open(io.BytesIO(b)).convert("RGB") for b in batch_set], sizes.batch_repeats)
-    rows = reduction_accuracy(ModelRuntime.from_dir(BUNDLED_MODEL), sizes.accuracy_images)
+    rows = reduction_accuracy(CoCaModel.from_dir(BUNDLED_MODEL), sizes.accuracy_images)
     summary = summarize(lat, disk, runs_16, batch, rows)
     summary |= {"encoder": preset, "accuracy_images": sizes.accuracy_images, "seconds": round(time.perf_counter() - began, 1)}
     sections = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from demo import world
-from llm.checkpoint import ModelSpec
+from llm.loading.coca_checkpoint import ModelSpec
 from vision.towers import ConvTowerCfg
 
 CONTEXT_LENGTH = 64  # room for a three-turn conversation

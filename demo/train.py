@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from demo import world
 from demo.model import LABEL_PROMPT, demo_spec
-from llm.chat_format import ChatFormat, Turn
-from llm.checkpoint import build_coca, load_model_dir, save_model_dir
-from llm.tokenizer import WordTokenizer
+from llm.loading.chat_format import ChatFormat, Turn
+from app.models.families.coca import build_coca, load_coca
+from llm.loading.coca_checkpoint import save_model_dir
+from llm.loading.tokenizers import WordTokenizer
 from vision.preprocess import PreprocessCfg, normalize_uint8, to_pixels
 from vision.reduce import ReductionSpec, reduce
 
@@ -78,7 +79,7 @@ def train(cfg: TrainCfg) -> dict:
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
     if cfg.init is not None:
-        loaded = load_model_dir(cfg.init)
+        loaded = load_coca(cfg.init)
         tokenizer, model, history = loaded.tokenizer, loaded.model.train(), loaded.spec.extra.get("training", {})
     else:
         tokenizer = WordTokenizer.build(world.vocabulary())

@@ -1,7 +1,7 @@
 """Attention over the paged KV pool, and the per-step batch a model's forward receives.
 
 A step's tokens come flattened: [N, width], every sequence's new tokens one after another, decodes
-first (one token each), then prefill chunks. The models (llm/coca.py, llm/mllama.py) only ever call
+first (one token each), then prefill chunks. The models (llm/models/coca.py, llm/models/mllama.py) only ever call
 
     batch.self_attention(layer, q, k, v)   # writes k, v into the pool, attends through block tables
     batch.cross_attention(layer, q)        # attends to each sequence's image K/V
@@ -155,7 +155,7 @@ class StepBatch:
 
     def cross_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q [N, Hq, D] -> attention over each row's image K/V [N, Hq, D]; zero for rows of requests
-        with no image (their cross-attention layers must leave them unchanged: llm/mllama.py)."""
+        with no image (their cross-attention layers must leave them unchanged: llm/models/mllama.py)."""
         kv = self.cross[layer]
         n_dec = self.num_decodes
         if n_dec and kv.decode_k is not None:

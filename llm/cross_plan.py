@@ -6,7 +6,7 @@ of those tokens each position sees (`CrossPlan`); the model runner turns that in
 
     CoCa:    every position sees every token of its one image.
     Mllama:  positions before the first <|image|> see every token of every image (padding tiles
-             included; transformers' all-zero row, see llm/mllama.py), positions from an <|image|> on
+             included; transformers' all-zero row, see llm/models/mllama.py), positions from an <|image|> on
              see the real tiles of that image (or of a run of adjacent <|image|> tokens) until the
              next <|image|> (transformers' `get_cross_attention_token_mask`).
 

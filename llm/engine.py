@@ -21,7 +21,7 @@ from llm.packed_linear import pack_linears
 from llm.sampling import SamplingParams
 from llm.scheduler import Scheduler, SchedulerConfig
 from llm.sequence import Sequence, StopConditions
-from llm.tokenizer import TextTokenizer
+from llm.loading.tokenizers import TextTokenizer
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,6 @@ def data_url(image: Image.Image) -> str:
 
 @pytest.fixture(scope="session")
 def demo_runtime():
-    from app.runtime import ModelRuntime
+    from app.models.families.coca import CoCaModel
 
-    return ModelRuntime.from_dir(BUNDLED_MODEL)
+    return CoCaModel.from_dir(BUNDLED_MODEL)

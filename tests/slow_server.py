@@ -22,30 +22,24 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from app.runtime import ModelRuntime
+from app.models.families.coca import CoCaModel
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-class SlowRuntime(ModelRuntime):
-    delay_s = 0.0
-    step_delay_s = 0.0  # added to every engine step, so a stream stays open long enough to leave it
+def slowed(model: CoCaModel, delay_s: float, step_delay_s: float) -> CoCaModel:
+    """The demo model with every image encode `delay_s` slower, and every engine step (each decoder
+    forward) `step_delay_s` slower, so a stream stays open long enough to leave it."""
+    encode = model.encoder.encode
 
-    def encode_images(self, images):
-        time.sleep(self.delay_s)
-        return super().encode_images(images)
+    def slow_encode(images):
+        time.sleep(delay_s)
+        return encode(images)
 
-    def new_engine(self, config, dtype="float32"):
-        engine = super().new_engine(config, dtype)
-        run, delay = engine.runner.run, self.step_delay_s
-
-        def slow_run(output):
-            if output.chunks and delay:
-                time.sleep(delay)
-            return run(output)
-
-        engine.runner.run = slow_run
-        return engine
+    model.encoder.encode = slow_encode
+    if step_delay_s:
+        model.decoder.register_forward_pre_hook(lambda *_: time.sleep(step_delay_s))
+    return model
 
 
 def free_port() -> int:
@@ -96,10 +90,8 @@ def main(argv: list[str]) -> None:
 
     port, delay_s = int(argv[0]), float(argv[1])
     settings = Settings.from_env(port=port)
-    runtime = SlowRuntime.from_dir(settings.model)
-    runtime.delay_s = delay_s
-    runtime.step_delay_s = float(argv[2]) if len(argv) > 2 else 0.0
-    serve(create_app(settings, runtime), settings)
+    model = slowed(CoCaModel.from_dir(settings.model), delay_s, float(argv[2]) if len(argv) > 2 else 0.0)
+    serve(create_app(settings, model), settings)
 
 
 if __name__ == "__main__":

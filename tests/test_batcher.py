@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vision.batcher import BatcherClosed, MicroBatcher
-from vision.encoder import VisionEncoder
+from vision.encoders.open_clip import VisionEncoder
 from vision.preprocess import PreprocessCfg
 from vision.towers import ConvTower, ConvTowerCfg
 

@@ -14,7 +14,7 @@ from app.batches.schemas import CreateBatchRequest
 from app.batches.service import BatchService
 from app.batches.store import BatchStore
 from app.errors import APIError
-from app.schemas import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
+from app.chat.schemas import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage
 from app.settings import Settings
 
 

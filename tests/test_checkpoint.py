@@ -7,41 +7,26 @@ import json
 import open_clip
 import pytest
 import torch
-from open_clip.push_to_hf_hub import save_for_hf
 from PIL import Image
 
-from app.runtime import ModelRuntime
+from app.models.families.coca import CoCaModel
 from app.settings import BUNDLED_MODEL
-from llm.chat_format import CAPTION_QUESTION, Turn
-from llm.checkpoint import ModelDirError, load_model_dir
-from tests.test_coca_oracle import SMALL_COCA
-
-
-class _NoTokenizerFiles:
-    """CLIP's BPE vocabulary ships inside open_clip, so there are no tokenizer files to write."""
-
-    def save_pretrained(self, directory) -> None:
-        pass
+from llm.loading.chat_format import CAPTION_QUESTION, Turn
+from app.models.families.coca import load_coca
+from llm.loading.coca_checkpoint import ModelDirError
+from tests.checkpoints import write_open_clip_coca
 
 
 @pytest.fixture(scope="module")
 def open_clip_dir(tmp_path_factory):
-    torch.manual_seed(1)
-    cfg = {**SMALL_COCA, "text_cfg": {**SMALL_COCA["text_cfg"], "vocab_size": 49408},
-           "multimodal_cfg": {**SMALL_COCA["multimodal_cfg"], "vocab_size": 49408}, "custom_text": True}
-    config_dir = tmp_path_factory.mktemp("open_clip_configs")
-    (config_dir / "mmserve_test_coca.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(config_dir)
-    model = open_clip.create_model("mmserve_test_coca", pretrained=None).eval()
     path = tmp_path_factory.mktemp("open_clip_coca")
-    save_for_hf(model, _NoTokenizerFiles(), cfg, str(path), safe_serialization=True)
-    return path, model
+    return path, write_open_clip_coca(path, tmp_path_factory.mktemp("open_clip_configs"))
 
 
 def test_open_clip_saved_checkpoint_loads_with_identical_weights(open_clip_dir):
     path, model = open_clip_dir
     assert (path / "open_clip_config.json").is_file() and (path / "open_clip_model.safetensors").is_file()
-    loaded = load_model_dir(path)
+    loaded = load_coca(path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
     assert loaded.spec.prompt_format == "caption-only"
@@ -49,7 +34,7 @@ def test_open_clip_saved_checkpoint_loads_with_identical_weights(open_clip_dir):
 
 def test_open_clip_checkpoint_captions_through_the_runtime(open_clip_dir):
     path, model = open_clip_dir
-    runtime = ModelRuntime.from_dir(path)
+    runtime = CoCaModel.from_dir(path)
     image = Image.new("RGB", (80, 60), (200, 30, 30))
     features = runtime.encode_images([image])
     assert features[0].tokens.shape == (16, 96)  # 64 px / 16 px patches = 4 x 4
@@ -63,33 +48,33 @@ def test_open_clip_pytorch_bin_checkpoint_loads(open_clip_dir, tmp_path):
     path, model = open_clip_dir
     (tmp_path / "open_clip_config.json").write_text((path / "open_clip_config.json").read_text())
     torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
-    loaded = load_model_dir(tmp_path)
+    loaded = load_coca(tmp_path)
     assert torch.equal(loaded.model.text.token_embedding.weight, model.text.token_embedding.weight)
 
 
 def test_missing_directory_names_the_path(tmp_path):
     with pytest.raises(ModelDirError, match=str(tmp_path / "nope")):
-        load_model_dir(tmp_path / "nope")
+        load_coca(tmp_path / "nope")
 
 
 def test_missing_weights_names_the_path(open_clip_dir, tmp_path):
     path, _ = open_clip_dir
     (tmp_path / "open_clip_config.json").write_text((path / "open_clip_config.json").read_text())
     with pytest.raises(ModelDirError, match="model file not found") as err:
-        load_model_dir(tmp_path)
+        load_coca(tmp_path)
     assert str(tmp_path) in str(err.value)
 
 
 def test_directory_without_a_config_is_refused(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ModelDirError, match="neither"):
-        load_model_dir(tmp_path)
+        load_coca(tmp_path)
 
 
 def test_non_coca_open_clip_config_is_refused(tmp_path):
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("RN50")}))
     with pytest.raises(ModelDirError, match="not describe a CoCa"):
-        load_model_dir(tmp_path)
+        load_coca(tmp_path)
 
 
 def test_bundled_demo_checkpoint_is_complete_and_small(demo_runtime):

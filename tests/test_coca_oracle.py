@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from llm.coca import decoder_from_open_clip
+from llm.models.coca import decoder_from_open_clip
 from llm import model_runner
 from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
 from llm.packed_linear import onednn_packing_works, pack_linears
@@ -126,7 +126,7 @@ def test_ragged_prompts_in_one_batch_match_one_by_one(small_coca, split, monkeyp
 
 def test_demo_checkpoint_logits_and_greedy_match_open_clip(demo_runtime):
     from demo import world
-    from llm.chat_format import CAPTION_QUESTION, Turn
+    from llm.loading.chat_format import CAPTION_QUESTION, Turn
 
     model = demo_runtime.loaded.model
     rng = random.Random(3)

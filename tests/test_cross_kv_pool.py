@@ -132,7 +132,7 @@ def test_length_groups_split_a_chat_batch_and_keep_a_captioning_batch_whole():
 def test_a_throwaway_engine_pool_holds_exactly_its_images(monkeypatch):
     """generate_greedy / teacher_forced_logits size their image K/V pool to their images (it is touched
     whole at start), and every image still lands inside it."""
-    from llm.coca import CoCaDecoder, CoCaDecoderConfig
+    from llm.models.coca import CoCaDecoder, CoCaDecoderConfig
     from llm.generate import as_images, image_kv_bytes, teacher_forced_logits
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from llm.chat_format import CAPTION_QUESTION, Turn
+from llm.loading.chat_format import CAPTION_QUESTION, Turn
 from tests import independent_world as iw
 
 N_IMAGES = 200

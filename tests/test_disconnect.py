@@ -20,7 +20,8 @@ ABORT_WITHIN_S = STEP_DELAY_S + 0.3
 
 def gauge(base: str, name: str) -> float:
     text = httpx.get(f"{base}/metrics", timeout=5).text
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+    return float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith(name + '{model="mmserve-demo"} ')))
 
 
 def wait_for_baseline(base: str, timeout_s: float = 2.0) -> float:

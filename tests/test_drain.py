@@ -7,6 +7,7 @@ import asyncio
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,12 +20,22 @@ from tests.slow_server import image_url, running_server
 
 
 class _Stub:
+    """A chat service over two models: one that sees images and one that reads text only."""
+
+    registry = [SimpleNamespace(name="seeing", capabilities=SimpleNamespace(max_images=1)),
+                SimpleNamespace(name="reading", capabilities=SimpleNamespace(max_images=0))]
+
     def __init__(self, fail: bool = False) -> None:
         self.fail, self.calls = fail, 0
 
     async def complete(self, request):
         self.calls += 1
-        assert request.max_tokens == 1 and request.messages[0].content[0].image_url.url.startswith("data:image/png")
+        content = request.messages[0].content
+        if request.model == "seeing":
+            assert content[0].image_url.url.startswith("data:image/png")
+        else:
+            assert request.model == "reading" and isinstance(content, str)
+        assert request.max_tokens == 1
         if self.fail:
             raise RuntimeError("no memory for the KV pool")
 
@@ -36,7 +47,7 @@ def test_warm_up_turns_readiness_green_only_when_it_went_through():
     readiness, chat, embeddings = Readiness(), _Stub(), _Stub()
     assert (readiness.ready, readiness.status) == (False, "warming_up")
     asyncio.run(warm_up(readiness, chat, embeddings))
-    assert (readiness.ready, readiness.status, chat.calls, embeddings.calls) == (True, "ready", 1, 1)
+    assert (readiness.ready, readiness.status, chat.calls, embeddings.calls) == (True, "ready", 2, 1)
     readiness.start_draining()
     assert (readiness.ready, readiness.status) == (False, "draining")
 
@@ -62,7 +73,7 @@ def test_ready_endpoint_follows_warm_up_and_drain(demo_runtime):
 
 def _in_flight(base: str) -> float:
     for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
-        if line.startswith("mmserve_admission_active "):
+        if line.startswith('mmserve_admission_active{model=""} '):
             return float(line.split()[1])
     raise AssertionError("mmserve_admission_active missing from /metrics")
 

@@ -102,7 +102,7 @@ def test_openai_client_sees_errors_as_exceptions(server):
 
     base, _ = server
     client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.NotFoundError, match="not found"):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="no image"):
         client.chat.completions.create(model="mmserve-demo", messages=[{"role": "user", "content": "hi"}])

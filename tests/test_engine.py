@@ -11,7 +11,8 @@ import torch
 
 from demo import world
 from llm.async_engine import AsyncEngine
-from llm.chat_format import CAPTION_QUESTION, Turn
+from llm.loading.chat_format import CAPTION_QUESTION, Turn
+from llm.packed_linear import dense_copy
 from llm.engine import Engine, EngineConfig, ImageInput, tensor_digest
 from llm.sampling import SamplingParams
 
@@ -30,7 +31,7 @@ def images(demo_runtime, scenes):
 
 def engine(runtime, **overrides) -> Engine:
     cfg = dict(block_size=4, kv_cache_bytes=8 << 20, max_num_seqs=16, max_num_batched_tokens=64) | overrides
-    return Engine(runtime.decoder, runtime.tokenizer, runtime.format.stop_ids, EngineConfig(**cfg))
+    return Engine(runtime.decoder, runtime.tokenizer, runtime.stop_ids, EngineConfig(**cfg))
 
 
 def prompt(runtime, question=CAPTION_QUESTION, history=()):
@@ -226,7 +227,8 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(demo_run
 def test_bfloat16_weights_give_nearly_the_same_answers(demo_runtime, scenes, images):
     requests = mixed_requests(demo_runtime, scenes, images)
     full = engine(demo_runtime).generate(requests)
-    half = demo_runtime.new_engine(EngineConfig(block_size=4, kv_cache_bytes=8 << 20, max_num_seqs=16), "bfloat16")
+    half = Engine(dense_copy(demo_runtime.decoder).to(torch.bfloat16), demo_runtime.tokenizer, demo_runtime.stop_ids,
+                  EngineConfig(block_size=4, kv_cache_bytes=8 << 20, max_num_seqs=16))
     assert next(half.model.parameters()).dtype == torch.bfloat16
     assert half.runner.k_pool[0].dtype == torch.bfloat16
     same = sum(a.token_ids == b.token_ids for a, b in zip(full, half.generate(requests)))

@@ -191,5 +191,6 @@ def test_overload_only_the_excess_gets_429_and_every_accepted_request_completes(
             assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "server_overloaded"
             assert done < first_answer  # refused at once, not after waiting for a slot
         metrics = client.get(f"{base}/metrics").text
-        assert f'mmserve_rejected_requests_total{{reason="overloaded"}} {float(n - limit - queue)}' in metrics
-        assert "mmserve_admission_active 0.0" in metrics and "mmserve_admission_queue_depth 0.0" in metrics
+        assert f'mmserve_rejected_requests_total{{model="",reason="overloaded"}} {float(n - limit - queue)}' in metrics
+        assert 'mmserve_admission_active{model=""} 0.0' in metrics
+        assert 'mmserve_admission_queue_depth{model=""} 0.0' in metrics

@@ -40,7 +40,9 @@ def test_caption_in_openai_shape(client):
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "mmserve-demo"
     choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": "a large green triangle above a small yellow circle"}
+    assert choice["message"] == {"role": "assistant", "content": "a large green triangle above a small yellow circle",
+                                 "refusal": None}
+    assert choice["logprobs"] is None
     assert choice["finish_reason"] == "stop"
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["completion_tokens"] > 5
@@ -202,7 +204,7 @@ def test_every_answer_names_its_route_and_identification_is_answered_by_stage_1(
 def test_repeated_image_is_a_feature_cache_hit_and_visual_tokens_reduce(client):
     def hot_hits():
         line = next(l for l in client.get("/metrics").text.splitlines()
-                    if l.startswith('mmserve_feature_cache_hits_total{tier="hot"}'))
+                    if l.startswith('mmserve_feature_cache_hits_total{model="mmserve-demo",tier="hot"}'))
         return float(line.split()[-1])
     url = data_url(render(Scene("gray", [Obj("square", "blue", "small", 40.0, 40.0, 24)])))
     before = hot_hits()

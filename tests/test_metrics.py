@@ -59,9 +59,9 @@ def test_a_request_moves_the_counters_and_the_latency_histogram(client):
     assert client.get("/v1/models").status_code == 200
     after = client.get("/metrics").text
     for name in ("mmserve_requests_total", "mmserve_request_duration_seconds_count"):
-        labels = {"route": "/v1/models", "status": "200"} | ({"method": "GET"} if "duration" in name else {})
+        labels = {"route": "/v1/models", "status": "200", "model": ""} | ({"method": "GET"} if "duration" in name else {})
         assert value(after, name, **labels) == value(before, name, **labels) + 1, name
-    assert value(after, "mmserve_requests_in_flight") == 1.0  # the scrape itself
+    assert value(after, "mmserve_requests_in_flight", model="") == 1.0  # the scrape itself
 
 
 def test_failures_are_counted_by_their_openai_type_and_code(client):
@@ -70,8 +70,8 @@ def test_failures_are_counted_by_their_openai_type_and_code(client):
               client.post("/v1/embeddings", json={"input": "data:image/png;base64,AAAA"})]
     assert [r.status_code for r in errors] == [404, 400]
     after = client.get("/metrics").text
-    for r in errors:
-        labels = {"type": r.json()["error"]["type"], "code": r.json()["error"]["code"]}
+    for r, model in zip(errors, ["", "mmserve-demo"]):  # an unknown model mints no label of its own
+        labels = {"type": r.json()["error"]["type"], "code": r.json()["error"]["code"], "model": model}
         assert value(after, "mmserve_request_failures_total", **labels) == \
             value(before, "mmserve_request_failures_total", **labels) + 1, labels
 
@@ -82,10 +82,15 @@ def test_a_chat_completion_moves_the_engine_metrics(client):
         {"type": "image_url", "image_url": {"url": URL}}, {"type": "text", "text": "describe the image."}]}]})
     assert r.status_code == 200, r.text
     after = client.get("/metrics").text
-    generated = value(after, "mmserve_generated_tokens_total") - value(before, "mmserve_generated_tokens_total")
+    m = {"model": "mmserve-demo"}
+    generated = value(after, "mmserve_generated_tokens_total", **m) - value(before, "mmserve_generated_tokens_total", **m)
     assert generated == r.json()["usage"]["completion_tokens"]
-    assert value(after, "mmserve_running_requests") == 0.0 and value(after, "mmserve_waiting_requests") == 0.0
-    assert 0.0 <= value(after, "mmserve_kv_cache_usage_ratio") <= 1.0
+    assert value(after, "mmserve_running_requests", **m) == 0.0 and value(after, "mmserve_waiting_requests", **m) == 0.0
+    assert 0.0 <= value(after, "mmserve_kv_cache_usage_ratio", **m) <= 1.0
+    route = {"route": "/v1/chat/completions", "status": "200", **m}
+    assert value(after, "mmserve_requests_total", **route) == value(before, "mmserve_requests_total", **route) + 1
+    assert value(after, "mmserve_time_to_first_token_seconds_count", **m) == \
+        value(before, "mmserve_time_to_first_token_seconds_count", **m) + 1
 
 
 def test_each_app_has_its_own_registry(demo_runtime):
@@ -93,14 +98,15 @@ def test_each_app_has_its_own_registry(demo_runtime):
         one.get("/v1/models")
         one.get("/v1/models")
         two.get("/v1/models")
-        assert value(one.get("/metrics").text, "mmserve_requests_total", route="/v1/models", status="200") == 2
-        assert value(two.get("/metrics").text, "mmserve_requests_total", route="/v1/models", status="200") == 1
+        labels = {"route": "/v1/models", "status": "200", "model": ""}
+        assert value(one.get("/metrics").text, "mmserve_requests_total", **labels) == 2
+        assert value(two.get("/metrics").text, "mmserve_requests_total", **labels) == 1
 
 
 # -- the hooks for the engine and the chat path ------------------------------------------------------------
 def test_generation_timer_observes_ttft_once_and_a_gap_per_later_token():
     metrics, now = Metrics(), {"t": 10.0}
-    timer = GenerationTimer(metrics, clock=lambda: now["t"])
+    timer = GenerationTimer(metrics, "m", clock=lambda: now["t"])
     now["t"] = 10.25
     timer.tokens(1)  # first token after 0.25 s
     now["t"] = 10.45
@@ -108,26 +114,26 @@ def test_generation_timer_observes_ttft_once_and_a_gap_per_later_token():
     now["t"] = 10.5
     timer.tokens(0)
     text = metrics.render().decode()
-    assert value(text, "mmserve_time_to_first_token_seconds_count") == 1
-    assert value(text, "mmserve_time_to_first_token_seconds_sum") == pytest.approx(0.25)
-    assert value(text, "mmserve_inter_token_latency_seconds_count") == 2
-    assert value(text, "mmserve_inter_token_latency_seconds_sum") == pytest.approx(0.2)
+    assert value(text, "mmserve_time_to_first_token_seconds_count", model="m") == 1
+    assert value(text, "mmserve_time_to_first_token_seconds_sum", model="m") == pytest.approx(0.25)
+    assert value(text, "mmserve_inter_token_latency_seconds_count", model="m") == 2
+    assert value(text, "mmserve_inter_token_latency_seconds_sum", model="m") == pytest.approx(0.2)
 
 
 def test_cache_router_oom_and_stream_failure_records():
     metrics = Metrics()
-    metrics.record_feature_cache("hot", hit=True)
-    metrics.record_feature_cache("hot", hit=True)
-    metrics.record_feature_cache("disk", hit=False)
-    metrics.record_route("stage1")
-    metrics.record_oom()
-    metrics.record_failure("timeout_error", "timeout")
+    metrics.record_feature_cache("a", "hot", hit=True)
+    metrics.record_feature_cache("a", "hot", hit=True)
+    metrics.record_feature_cache("b", "disk", hit=False)
+    metrics.record_route("a", "stage1")
+    metrics.record_oom("b")
+    metrics.record_failure("timeout_error", "timeout", "a")
     text = metrics.render().decode()
-    assert value(text, "mmserve_feature_cache_hits_total", tier="hot") == 2
-    assert value(text, "mmserve_feature_cache_misses_total", tier="disk") == 1
-    assert value(text, "mmserve_router_decisions_total", route="stage1") == 1
-    assert value(text, "mmserve_oom_events_total") == 1
-    assert value(text, "mmserve_request_failures_total", type="timeout_error", code="timeout") == 1
+    assert value(text, "mmserve_feature_cache_hits_total", tier="hot", model="a") == 2
+    assert value(text, "mmserve_feature_cache_misses_total", tier="disk", model="b") == 1
+    assert value(text, "mmserve_router_decisions_total", route="stage1", model="a") == 1
+    assert value(text, "mmserve_oom_events_total", model="b") == 1
+    assert value(text, "mmserve_request_failures_total", type="timeout_error", code="timeout", model="a") == 1
 
 
 def test_engine_gauges_read_at_scrape_time_and_survive_a_torn_read():
@@ -140,12 +146,13 @@ def test_engine_gauges_read_at_scrape_time_and_survive_a_torn_read():
             raise RuntimeError("dictionary changed size during iteration")
         return stats
 
-    metrics.bind_engine(read)
-    assert value(metrics.render().decode(), "mmserve_running_requests") == 3
+    metrics.bind_engine("m", read)
+    assert value(metrics.render().decode(), "mmserve_running_requests", model="m") == 3
     stats.update(running=0, kv_usage=0.0)
     text = metrics.render().decode()
-    assert value(text, "mmserve_running_requests") == 0 and value(text, "mmserve_kv_cache_usage_ratio") == 0
+    assert value(text, "mmserve_running_requests", model="m") == 0
+    assert value(text, "mmserve_kv_cache_usage_ratio", model="m") == 0
     broken["now"] = True
-    assert value(metrics.render().decode(), "mmserve_waiting_requests") == 1  # the last good value
-    metrics.observe_engine_step(None, [object()] * 4)
-    assert value(metrics.render().decode(), "mmserve_generated_tokens_total") == 4
+    assert value(metrics.render().decode(), "mmserve_waiting_requests", model="m") == 1  # the last good value
+    metrics.observe_engine_step("m", [object()] * 4)
+    assert value(metrics.render().decode(), "mmserve_generated_tokens_total", model="m") == 4

@@ -16,9 +16,9 @@ from transformers.models.mllama.processing_mllama import (
 from llm.cross_plan import ImageSpan, image_token_plan
 from llm.engine import ImageInput, tensor_digest
 from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
-from llm.mllama import mllama_decoder_from_hf_model
+from llm.models.mllama import mllama_decoder_from_hf_model
 from tests.test_mllama_oracle import BOS, PAD, PREPROCESS, SMALL_VISION, TINY_TEXT, images, random_mllama, rel_err
-from vision.mllama_encoder import MllamaVisionEncoder
+from vision.encoders.mllama import MllamaVisionEncoder
 
 
 @pytest.fixture(scope="module")

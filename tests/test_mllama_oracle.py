@@ -20,8 +20,8 @@ from llm.cross_plan import ImageSpan
 from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
 from llm.model_runner import compiled_for_decode
 from llm.packed_linear import PackedLinear, onednn_packing_works, pack_linears
-from llm.mllama import MllamaDecoderConfig, mllama_decoder_from_hf_model, mllama_from_hf_dir, rope_inv_freq
-from vision.mllama_encoder import MllamaPreprocessCfg, MllamaVisionEncoder
+from llm.models.mllama import MllamaDecoderConfig, mllama_decoder_from_hf_model, mllama_from_hf_dir, rope_inv_freq
+from vision.encoders.mllama import MllamaPreprocessCfg, MllamaVisionEncoder
 
 BOS, EOS_UNUSED, PAD = 1, 2, 3
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -95,7 +95,7 @@ def our_attended(encoder: MllamaVisionEncoder, pictures: list[Image.Image]) -> l
 
 def prompts_for(tiles: list[int], length: int, vocab: int, image_token: int, seed: int) -> list[list[int]]:
     """<|begin_of_text|><|image|>...: the BOS row comes before the image, so it attends to every
-    image token, padding tiles included, while the rest see the real tiles only (llm/mllama.py)."""
+    image token, padding tiles included, while the rest see the real tiles only (llm/models/mllama.py)."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in tiles:

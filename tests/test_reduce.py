@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm.coca import decoder_from_open_clip
+from llm.models.coca import decoder_from_open_clip
 from llm.generate import GenerationParams, generate_greedy
 from tests.test_coca_oracle import SMALL_COCA, random_small_coca
 from vision.reduce import ReductionSpec, keep_salient, pool_grid, reduce, tome_merge

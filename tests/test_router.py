@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from app.intent import IntentClassifier
-from app.router import ModelRules, StagedRouter, ZeroShotClassifier, route_turns
+from app.routing.intent import IntentClassifier
+from app.models.contrastive import ZeroShot
+from app.routing.staged import ModelRules, StagedRouter
 from app.settings import Settings
-from llm.chat_format import Turn
+from llm.loading.chat_format import Turn
 from tests import independent_world as iw
 
 
@@ -33,11 +34,15 @@ def intents() -> IntentClassifier:
 
 @pytest.fixture(scope="module")
 def router(demo_runtime, intents) -> StagedRouter:
-    return StagedRouter.build(Settings(), demo_runtime, intents=intents)
+    return StagedRouter.build(Settings(), demo_runtime, SERVED, intents=intents)
+
+
+SERVED = ["mmserve-demo"]
 
 
 def features(runtime, image):
-    return runtime.encode_images([image])[0]
+    """What the router reads: the zero-shot model's features of the conversation's images."""
+    return runtime.encode_images([image])
 
 
 @pytest.mark.parametrize("prompt", ["what shape is the red object?", "what is this?", "which shape is it?",
@@ -47,7 +52,7 @@ def test_confident_identification_is_answered_by_stage1_as_the_decoder_would(dem
     assert decision.route == "stage1", decision.reason
     assert decision.finished and decision.answer == "circle"
     assert (decision.intent, decision.label) == ("identification", "a red circle")
-    assert decision.label_confidence >= 0.9 and decision.model is None
+    assert decision.label_confidence >= 0.9 and decision.model == "mmserve-demo"  # whose towers answered
     # The phrasing is the decoder's own: its answer to the world's identification question.
     assert demo_runtime.answer(RED_CIRCLE, [Turn("what shape is the red object?")]).text == decision.answer
 
@@ -81,7 +86,7 @@ def test_low_zero_shot_confidence_goes_to_the_decoder(demo_runtime, router):
 
 def test_a_threshold_setting_moves_the_boundary(demo_runtime, intents):
     feats = features(demo_runtime, TWO_LARGE)
-    lenient = StagedRouter.build(Settings(router_zero_shot_threshold=0.3), demo_runtime, intents=intents)
+    lenient = StagedRouter.build(Settings(router_zero_shot_threshold=0.3), demo_runtime, SERVED, intents=intents)
     decision = lenient.decide(feats, "what is this?")
     assert decision.route == "stage1" and decision.answer == decision.label.split()[-1]
 
@@ -96,7 +101,7 @@ def test_other_intents_go_to_the_decoder(demo_runtime, router, prompt):
 
 def test_a_policy_label_refuses_whatever_is_asked(demo_runtime, intents):
     settings = Settings(router_policy_labels="a green triangle, a purple star", router_policy_message="not this one")
-    router = StagedRouter.build(settings, demo_runtime, intents=intents)
+    router = StagedRouter.build(settings, demo_runtime, SERVED, intents=intents)
     refused = router.decide(features(demo_runtime, GREEN_TRIANGLE), "how many objects are there?")
     assert (refused.route, refused.answer, refused.label) == ("policy", "not this one", "a green triangle")
     assert refused.finished and "a green triangle" in refused.reason
@@ -107,27 +112,40 @@ def test_a_policy_label_refuses_whatever_is_asked(demo_runtime, intents):
 
 def test_the_router_off_still_enforces_policy(demo_runtime):
     settings = Settings(router_enabled=False, router_policy_labels="a green triangle")
-    router = StagedRouter.build(settings, demo_runtime)  # off: MiniLM is not even loaded
+    router = StagedRouter.build(settings, demo_runtime, SERVED)  # off: MiniLM is not even loaded
     assert router.intents is None
     assert router.decide(features(demo_runtime, RED_CIRCLE), "what is this?").route == "decoder:mmserve-demo"
     assert router.decide(features(demo_runtime, GREEN_TRIANGLE), "what is this?").route == "policy"
 
 
-def test_route_turns_routes_the_last_question(demo_runtime, router):
-    turns = [Turn("how many objects are there?", "one"), Turn("what shape is the red object?")]
-    decision = route_turns(router, features(demo_runtime, RED_CIRCLE), turns)
-    assert (decision.route, decision.answer) == ("stage1", "circle")
+def test_the_decision_records_what_it_saw(demo_runtime, router):
+    decision = router.decide(features(demo_runtime, RED_CIRCLE), "what shape is the red object?")
     record = decision.record()
     assert record["route"] == "stage1" and record["intent"] == "identification"
     assert 0.9 <= record["label_confidence"] <= 1.0 and record["intent_similarity"] > 0
 
 
-def test_zero_shot_with_cached_latents_equals_runtime_classify(demo_runtime):
+def test_several_images_get_no_stage1_answer_but_each_meets_the_policy(demo_runtime, intents):
+    settings = Settings(router_policy_labels="a green triangle")
+    router = StagedRouter.build(settings, demo_runtime, SERVED, intents=intents)
+    two = features(demo_runtime, RED_CIRCLE) + features(demo_runtime, RED_CIRCLE)
+    assert router.decide(two, "what is this?").route == "decoder:mmserve-demo"
+    mixed = features(demo_runtime, RED_CIRCLE) + features(demo_runtime, GREEN_TRIANGLE)
+    assert router.decide(mixed, "what is this?").route == "policy"
+    assert router.decide([], "what is this?").route == "decoder:mmserve-demo"  # a text-only request
+
+
+def test_a_request_naming_another_model_gets_no_stage1_answer(demo_runtime, router):
+    decision = router.decide(features(demo_runtime, RED_CIRCLE), "what is this?", ["mmserve-demo"], stage1=False)
+    assert decision.route == "decoder:mmserve-demo" and "stage 1 does not answer" in decision.reason
+
+
+def test_zero_shot_with_cached_latents_equals_scoring_the_labels_each_time(demo_runtime):
     labels = list(demo_runtime.loaded.spec.labels)
-    cached = ZeroShotClassifier(demo_runtime, labels)
+    cached = ZeroShot(demo_runtime.contrastive, labels)
     for image in (RED_CIRCLE, TWO_LARGE):
-        feats = features(demo_runtime, image)
-        expected = demo_runtime.classify(feats, labels)
+        (feats,) = features(demo_runtime, image)
+        expected = cached.classify(feats, labels)  # latents computed for this call
         got = cached.classify(feats)
         assert [name for name, _ in got] == [name for name, _ in expected]
         assert [p for _, p in got] == pytest.approx([p for _, p in expected], abs=1e-6)
@@ -147,9 +165,20 @@ def test_model_rules_pick_small_or_large():
         ModelRules(settings, ["small-vlm", "medium-vlm"])
 
 
+def test_model_rules_only_choose_a_model_that_can_take_the_request():
+    settings = Settings(router_small_model="small-vlm", router_large_model="large-vlm",
+                        router_large_intents="description")
+    rules = ModelRules(settings, ["small-vlm", "large-vlm", "captioner"])
+    model, why = rules.choose("description", "describe the image.", ["small-vlm", "captioner"])
+    assert model == "small-vlm" and "large-vlm cannot take this request" in why
+    assert rules.choose("counting", "how many?", ["captioner"])[0] == "captioner"
+    with pytest.raises(ValueError, match="no served model"):
+        rules.choose("counting", "how many?", [])
+
+
 def test_unknown_intents_in_settings_fail_at_start(demo_runtime, intents):
     with pytest.raises(ValueError, match="captioning"):
-        StagedRouter.build(Settings(router_large_intents="captioning"), demo_runtime, intents=intents)
+        StagedRouter.build(Settings(router_large_intents="captioning"), demo_runtime, SERVED, intents=intents)
 
 
 def test_router_settings_from_the_environment():

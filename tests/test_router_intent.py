@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from app.intent import INTENTS_FILE, IntentClassifier, load_intent_data
+from app.routing.intent import INTENTS_FILE, IntentClassifier, load_intent_data
 
-# Held out: none of these is in app/router_data/intents.json (checked below).
+# Held out: none of these is in app/routing/data/intents.json (checked below).
 HELD_OUT = {
     "identification": ["what shape do you see?", "which geometric shape is the yellow object?",
                        "tell me the name of this shape", "what kind of object is the red one?",

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from cache import FeatureKey, image_digest
-from vision.encoder import VisionEncoder
+from vision.encoders.open_clip import VisionEncoder
 from vision.intake import CorruptImage, EmptyImage, ImageTooLarge, IntakeLimits, UnsupportedImageFormat
 from vision.preprocess import PreprocessCfg
 from vision.reduce import ReductionSpec, reduce
@@ -230,7 +230,7 @@ def test_settings_build_the_stage_config_and_refuse_bad_vision_values():
 def test_mllama_features_keep_their_attended_tiles_through_both_cache_tiers(tmp_path):
     """Llama-3.2-Vision's encoder behind the same stage: its features come back from the hot and the disk
     tier with `attended_tokens` (the decoder's padding-tile mask needs it), and reducing them is refused."""
-    from vision.mllama_encoder import MllamaVisionEncoder
+    from vision.encoders.mllama import MllamaVisionEncoder
     from tests.test_mllama_oracle import PREPROCESS, SMALL_VISION, TINY_TEXT, random_mllama
 
     mllama = MllamaVisionEncoder.from_hf_model(random_mllama(TINY_TEXT, SMALL_VISION), PREPROCESS)

@@ -29,7 +29,7 @@ from concurrent.futures import Future
 import torch
 from PIL import Image
 
-from vision.encoder import ImageFeatures
+from vision.encoders.base import ImageFeatures
 
 log = logging.getLogger(__name__)
 

@@ -32,14 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from cache import FeatureCache, FeatureKey, Source, image_digest
 from vision.batcher import MicroBatcher
-from vision.encoder import ImageFeatures, VisionEncoder
+from vision.encoders.base import ImageEncoder, ImageFeatures
 from vision.fetch import FetchPolicy, RemoteFetcher
 from vision.intake import ImageError, IntakeLimits, open_image, source_bytes
-from vision.reduce import METHODS, Grid, ReductionSpec, reduce
+from vision.reduce import METHODS, ReductionSpec, reduce
 
 VisualTokens = int | float | None
 
@@ -95,23 +94,6 @@ def reduction_spec(method: str, visual_tokens: VisualTokens) -> ReductionSpec:
         raise VisualTokensError(f"{error}; send a count >= 1 or a ratio in (0, 1]") from None
 
 
-def token_grid(visual: nn.Module) -> Grid | None:
-    """The (h, w) patch grid of a tower's tokens; None for a tower whose tokens have no grid (open_clip's
-    attentional pooler outputs)."""
-    grid = getattr(visual, "grid_size", None)
-    if grid is None or getattr(visual, "attn_pool", None) is not None:
-        return None
-    return (int(grid[0]), int(grid[1]))
-
-
-def saliency_query(visual: nn.Module) -> torch.Tensor | None:
-    """A query in the tokens' own space for "keep"'s VisionZip saliency: the demo tower's learned
-    attention-pool query. Towers without one (open_clip ViTs return no CLS token beside the patch
-    tokens) rank by feature norm (vision/reduce.py)."""
-    query = getattr(visual, "pool_query", None)
-    return query.detach().clone() if isinstance(query, torch.Tensor) else None
-
-
 @dataclass(frozen=True)
 class VisionResult:
     features: ImageFeatures  # tokens already reduced
@@ -120,16 +102,16 @@ class VisionResult:
 
 
 class VisionStage:
-    def __init__(self, encoder: VisionEncoder, config: VisionStageConfig, *,
+    def __init__(self, encoder: ImageEncoder, config: VisionStageConfig, *,
                  fetch: Callable[[str], bytes] | None = None) -> None:
         """`fetch` replaces the fetcher built from `config.fetch` (tests point it at a local server)."""
         self.encoder, self.config = encoder, config
         self._fetch = fetch if fetch is not None else RemoteFetcher(config.fetch) if config.fetch.enabled else None
-        self._grid = token_grid(encoder.visual)
+        self._grid = encoder.token_grid
         if config.reduction_method == "pool" and self._grid is None:
             raise ValueError(f"reduction 'pool' needs grid tokens; {encoder.name}'s tokens have no grid: "
                              f"use 'tome' or 'keep'")
-        self._query = saliency_query(encoder.visual)
+        self._query = encoder.saliency_query
         self._preprocess = encoder.preprocess_cfg.to_dict()
         self._cache = FeatureCache(config.hot_bytes, config.disk_dir, config.disk_bytes)
         self._batcher = MicroBatcher(encoder.encode, config.max_batch, config.max_wait_ms, config.threads,

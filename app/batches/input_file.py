@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import msgspec
 
 from app.batches.schemas import CHAT_ENDPOINT, InputLine
-from app.schemas import ChatCompletionRequest
+from app.chat.schemas import ChatCompletionRequest
 
 
 class InputFileError(ValueError):

@@ -6,7 +6,8 @@ from typing import Literal
 
 import msgspec
 
-from app.schemas import ChatCompletion, ErrorBody
+from app.chat.schemas import ChatCompletion
+from app.errors import ErrorBody
 
 CHAT_ENDPOINT = "/v1/chat/completions"  # the one endpoint a batch may target here
 COMPLETION_WINDOW = "24h"  # the one window OpenAI offers

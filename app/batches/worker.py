@@ -22,7 +22,8 @@ from app.batches.input_file import InputFileError, decode_body, parse_input_file
 from app.batches.schemas import Batch, BatchError, BatchStatus, LineResponse, OutputLine
 from app.batches.store import BatchStore
 from app.errors import EXCEPTION_HANDLERS
-from app.schemas import ChatCompletion, ChatCompletionRequest, ErrorBody, ErrorDetail
+from app.chat.schemas import ChatCompletion, ChatCompletionRequest
+from app.errors import ErrorBody, ErrorDetail
 
 log = logging.getLogger("mmserve")
 T = TypeVar("T")

@@ -1,0 +1,66 @@
+"""POST /v1/chat/completions: a thin adapter over ChatService."""
+
+from __future__ import annotations
+
+import asyncio
+
+from litestar import Controller, Request, Response, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
+from litestar.response import Stream
+
+from app.auth import KeyAccess, api_key_of, tenant_of
+from app.chat.schemas import ChatCompletion, ChatCompletionRequest
+from app.chat.service import ChatService, Routed
+from app.metrics import set_request_model
+
+ROUTE_HEADER = "x-mmserve-route"  # which route answered: stage1, policy or decoder:<model>
+MODEL_HEADER = "x-mmserve-model"  # which served model answered
+
+
+def route_headers(routed: Routed) -> dict[str, str]:
+    return {ROUTE_HEADER: routed.route, MODEL_HEADER: routed.model}
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client goes away. The body is already read, so the next ASGI message is the
+    disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ChatController(Controller):
+    path = "/v1/chat/completions"
+    tags = ["chat"]
+
+    @post(status_code=200, summary="Create a chat completion over images and text (stream=true: server-sent events)")
+    async def create(self, data: JSONBody[ChatCompletionRequest], chat: NamedDependency[ChatService],
+                     access: NamedDependency[KeyAccess], request: Request) -> Response[ChatCompletion] | Stream:
+        key = api_key_of(request)
+        tenant = tenant_of(key)
+        set_request_model(request.scope, chat.metrics_label(data.model))
+
+        def charge(tokens: int) -> None:
+            access.charge(key, tokens)
+
+        if data.stream:
+            # Litestar stops iterating when the client disconnects; closing the generator aborts the request.
+            # (the content type goes in the headers: the handler's JSON media type would override media_type)
+            events, routed = await chat.start_stream(data, on_usage=charge, tenant=tenant)
+            set_request_model(request.scope, routed.model)
+            return Stream(events, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           **route_headers(routed)})
+        # A client that hangs up on a non-streaming request aborts it too, freeing its KV blocks.
+        work = asyncio.ensure_future(chat.complete(data, on_usage=charge, tenant=tenant))
+        gone = asyncio.ensure_future(_until_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+        if gone.done() and not work.done():
+            raise asyncio.CancelledError  # nobody to answer
+        completion, routed = work.result()
+        set_request_model(request.scope, routed.model)
+        return Response(completion, headers=route_headers(routed))

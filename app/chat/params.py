@@ -1,0 +1,106 @@
+"""A chat request's parameters: the ones this server does not honour refused by name, the sampling
+ones checked and turned into `SamplingParams`.
+
+The table below is the contract: each OpenAI parameter the server does not honour is accepted only at
+its neutral value (absent, null, or what OpenAI does by default), anything else is a 400
+`unsupported_parameter` naming it, never silence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from app.chat.schemas import ChatCompletionRequest
+from app.errors import APIError
+from llm.sampling import SamplingParams
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+
+
+@dataclass(frozen=True, slots=True)
+class Unsupported:
+    name: str
+    neutral: Callable[[Any], bool]  # the values that ask for nothing this server lacks
+    why: str
+
+
+def _none(v: Any) -> bool:
+    return v is None
+
+
+UNSUPPORTED = (
+    Unsupported("n", lambda v: v in (None, 1), "n > 1 is not supported: ask for one choice per request"),
+    Unsupported("frequency_penalty", lambda v: v in (None, 0), "use repetition_penalty (e.g. 1.1) instead"),
+    Unsupported("presence_penalty", lambda v: v in (None, 0), "use repetition_penalty (e.g. 1.1) instead"),
+    Unsupported("logprobs", lambda v: v in (None, False), "logprobs are not offered"),
+    Unsupported("top_logprobs", _none, "logprobs are not offered"),
+    Unsupported("logit_bias", lambda v: not v, "logit_bias is not offered"),
+    Unsupported("modalities", lambda v: v is None or list(v) == ["text"], "only text output is offered"),
+    Unsupported("audio", _none, "audio output is not offered"),
+    Unsupported("store", lambda v: v in (None, False), "completions are not stored"),
+    Unsupported("metadata", lambda v: not v, "completions are not stored, so they carry no metadata"),
+    Unsupported("service_tier", lambda v: v in (None, "auto", "default"), "one service tier is offered"),
+    Unsupported("tools", lambda v: not v, "tool calling is not offered"),
+    Unsupported("tool_choice", lambda v: v in (None, "none"), "tool calling is not offered"),
+    Unsupported("parallel_tool_calls", _none, "tool calling is not offered"),
+    Unsupported("functions", lambda v: not v, "tool calling is not offered (functions is deprecated: use tools)"),
+    Unsupported("function_call", lambda v: v in (None, "none"),
+                "tool calling is not offered (function_call is deprecated: use tool_choice)"),
+    Unsupported("response_format", lambda v: v is None or v.get("type") == "text", "only text output is offered"),
+    Unsupported("prediction", _none, "predicted outputs are not offered"),
+    Unsupported("reasoning_effort", _none, "the models served here do not reason in steps"),
+    Unsupported("verbosity", _none, "verbosity is not offered"),
+    Unsupported("web_search_options", _none, "web search is not offered"),
+    Unsupported("prompt_cache_key", _none, "prompt caching is automatic here (by prefix), with no key"),
+)
+STREAM_OPTIONS = ("include_usage",)
+
+
+def reject_unsupported(req: ChatCompletionRequest) -> None:
+    for p in UNSUPPORTED:
+        value = getattr(req, p.name)
+        if not p.neutral(value):
+            raise APIError(400, f"{p.name} is not supported by this server: {p.why}", param=p.name,
+                           code="unsupported_parameter")
+    unknown = sorted(set(req.stream_options or {}) - set(STREAM_OPTIONS))
+    if unknown:
+        raise APIError(400, f"stream_options.{unknown[0]} is not supported; supported: {', '.join(STREAM_OPTIONS)}",
+                       param=f"stream_options.{unknown[0]}", code="unsupported_parameter")
+    if req.stream_options and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+
+
+def sampling_params(req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
+    checks = [("temperature", req.temperature, lambda v: 0 <= v <= 2, "in [0, 2]"),
+              ("top_p", req.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("top_k", req.top_k, lambda v: v >= 0, ">= 0 (0 turns it off)"),
+              ("repetition_penalty", req.repetition_penalty, lambda v: 0 < v <= 10, "in (0, 10]"),
+              ("min_tokens", req.min_tokens, lambda v: 0 <= v <= max_tokens, f"in [0, max_tokens = {max_tokens}]")]
+    for name, value, ok, rule in checks:
+        if value is not None and not ok(value):
+            raise APIError(400, f"{name} must be {rule}, got {value}", param=name)
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature or 0.0,
+                          top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
+                          repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed, stop=tuple(stops),
+                          min_tokens=req.min_tokens or 0, ignore_eos=bool(req.ignore_eos))
+
+
+def completion_budget(req: ChatCompletionRequest, prompt_tokens: int, context: int, default_max_tokens: int) -> int:
+    """max_completion_tokens (or the older max_tokens), checked against the model's context; with no
+    explicit limit a long conversation gets what room is left (as vLLM does), not a 400."""
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if requested is not None and requested < 1:
+        raise APIError(400, f"{param} must be at least 1, got {requested}", param=param)
+    max_tokens = requested if requested is not None else max(1, min(default_max_tokens, context - prompt_tokens))
+    if prompt_tokens + max_tokens > context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                       f"completion). Please reduce the length of the messages or the completion.",
+                       param=param, code="context_length_exceeded")
+    return max_tokens

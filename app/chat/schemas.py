@@ -1,0 +1,145 @@
+"""Typed bodies of OpenAI's chat completions API (msgspec structs).
+
+Requests: every parameter OpenAI documents is a field, so that one this server does not honour gets a
+400 naming it (app/chat/params.py), and a field OpenAI does not document is refused by msgspec
+(`forbid_unknown_fields`) rather than ignored. Responses carry every field OpenAI's schema marks
+required, null where it allows null (`message.refusal`, `choices[].logprobs`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import msgspec
+
+
+class ImageURL(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(msgspec.Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class ImagePart(msgspec.Struct, tag="image_url", tag_field="type", forbid_unknown_fields=True):
+    image_url: ImageURL
+
+
+ContentPart = Union[TextPart, ImagePart]
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: str  # system, developer, user, assistant (others get a 400 naming them: app/chat/conversation.py)
+    content: str | list[ContentPart] | None = None
+    name: str | None = None  # a participant's name: accepted, and not shown to the models served here
+    refusal: str | None = None  # an earlier assistant reply's refusal, as this API returns it (null)
+    # Tool calling is not offered: present and not null, each is a 400 naming it.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
+    messages: list[ChatMessage]
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None  # {"include_usage": true} adds a final usage chunk
+    user: str | None = None  # the end user, for abuse monitoring: logged
+    safety_identifier: str | None = None  # the same, OpenAI's newer name
+    # Extensions (as vLLM accepts them): sampling controls OpenAI's schema lacks.
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None  # the end token is held back until this many tokens were generated
+    ignore_eos: bool | None = None  # generate max_tokens whatever the model says (benchmarks)
+    # Per-request visual-token budget: a count (e.g. 16) or a ratio of the model's tokens (e.g. 0.25).
+    visual_tokens: int | float | None = None
+    # The prompt's and the completion's token ids in the response (vLLM's extension of the same name).
+    return_token_ids: bool | None = None
+    # OpenAI parameters honoured only at their neutral value; anything else is a 400 naming them.
+    n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    modalities: list[str] | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+
+
+class AssistantMessage(msgspec.Struct):
+    content: str | None
+    refusal: str | None = None  # required by the schema (nullable): the models here never refuse in words
+    role: str = "assistant"
+
+
+class Choice(msgspec.Struct):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None  # required by the schema (nullable): logprobs are not offered
+
+
+class ChoiceWithTokens(Choice, kw_only=True):
+    token_ids: list[int]  # return_token_ids: the completion's ids (an end token excluded)
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    object: str = "chat.completion"
+
+
+class ChatCompletionWithTokens(ChatCompletion, kw_only=True):
+    prompt_token_ids: list[int]  # return_token_ids: the ids the model read, as its chat template built them
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    object: str = "chat.completion.chunk"

@@ -1,0 +1,290 @@
+"""From an OpenAI chat request to a completion or a stream of chunks, over the served models.
+
+    prepare  (on the loop)   parameters, the model named (or the routed alias), the conversation, the
+                             limits and the named model's capabilities: every 4xx a request can earn
+                             before any work
+    resolve  (worker thread) the staged router's decision (zero-shot features of the images), then the
+                             answering model's prompt ids, completion budget, sampling parameters and
+                             its own visual tokens of each image (its vision stage and feature cache)
+    generate (engine thread) the answering model's engine, streamed back
+
+The controller stays a thin adapter over this. Leaving a generation early (the deadline passes, the
+client disconnects, the task is cancelled) closes the engine stream, which aborts the request and
+frees its KV blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import msgspec
+from anyio import to_thread
+
+from app.chat.conversation import Conversation, parse_messages
+from app.chat.params import completion_budget, reject_unsupported, sampling_params
+from app.chat.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+                              ChatCompletionWithTokens, Choice, ChoiceWithTokens, ChunkChoice, Delta, Usage)
+from app.errors import APIError, ErrorBody, ErrorDetail
+from app.metrics import Metrics
+from app.models.families.base import PromptError
+from app.models.registry import ROUTED, ModelRegistry
+from app.models.served import ServedModel
+from app.routing.staged import RouteDecision, StagedRouter
+from app.settings import Settings
+from llm.engine import ImageInput, RequestOutput
+from llm.loading.chat_format import CAPTION_QUESTION
+from llm.sampling import SamplingParams
+from llm.scheduler import PromptRejected
+from vision.stage import VisualTokensError
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A request past every check that needs no model work."""
+
+    req: ChatCompletionRequest
+    conversation: Conversation
+    target: ServedModel | None  # None: the routed alias, the router picks
+
+
+@dataclass(frozen=True)
+class Routed:
+    """What answers, and with what: the engine's inputs, or the router's finished answer."""
+
+    model: str  # the served model that answers (for a policy refusal, the one asked)
+    decision: RouteDecision | None
+    served: ServedModel | None = None  # None when the router answered
+    prompt: tuple[int, ...] = ()
+    params: SamplingParams | None = None
+    images: tuple[ImageInput, ...] = ()
+
+    @property
+    def route(self) -> str:
+        return self.decision.route if self.decision is not None else f"decoder:{self.model}"
+
+
+def capability_problem(model: ServedModel, conversation: Conversation, max_images: int) -> APIError | None:
+    """Why `model` cannot take the conversation (a 400 naming the limit), or None."""
+    caps, n = model.capabilities, len(conversation.images)
+    if n > max_images:
+        return APIError(400, f"the conversation has {n} images; this server accepts at most {max_images} "
+                        f"(setting max_images_per_request)", param="messages", code="too_many_images")
+    if n > caps.max_images:
+        return APIError(400, f"the conversation has {n} images; model {model.name!r} takes at most "
+                        f"{caps.max_images} per conversation", param="messages", code="too_many_images")
+    if n == 0 and not caps.text_only:
+        return APIError(400, f"no image in the conversation: model {model.name!r} needs one (add an image_url "
+                        f"content part with a data: URL)", param="messages", code="missing_image")
+    if not caps.questions and not conversation.is_caption_request(CAPTION_QUESTION):
+        return APIError(400, f"model {model.name!r} only captions images: send one user message with one image and "
+                        f"no text (or {CAPTION_QUESTION!r})", param="messages", code="unsupported_prompt")
+    return None
+
+
+def _sse(payload: msgspec.Struct | dict) -> bytes:
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+
+UsageHook = Callable[[int], None]  # called once with a finished request's total tokens (quota charging)
+
+
+class ChatService:
+    def __init__(self, registry: ModelRegistry, router: StagedRouter, settings: Settings,
+                 metrics: Metrics | None = None) -> None:
+        self.registry, self.router, self.settings, self.metrics = registry, router, settings, metrics
+        zero_shot = router.zero_shot_model if router.zero_shot is not None else None
+        self.zero_shot_model = registry.get(zero_shot) if zero_shot else None
+
+    # -- validation (on the loop) ------------------------------------------------------------------
+    def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
+        reject_unsupported(req)
+        target = self.registry.resolve(req.model)
+        conversation = parse_messages(req.messages)
+        if target is ROUTED:
+            if not self.candidates(conversation):
+                problems = [str(capability_problem(m, conversation, self.settings.max_images_per_request))
+                            for m in self.registry]
+                raise APIError(400, f"no served model can take this conversation: {'; '.join(problems)}",
+                               param="messages", code="no_capable_model")
+            return PreparedChat(req, conversation, None)
+        problem = capability_problem(target, conversation, self.settings.max_images_per_request)
+        if problem is not None:
+            raise problem
+        return PreparedChat(req, conversation, target)
+
+    def metrics_label(self, name: str | None) -> str:
+        """The `model` label of a request that names `name`: a served model's own name, the routed
+        alias, or "" (never the client's string: an unknown name must not mint a time series)."""
+        name = self.registry.default if name is None else name
+        if name == self.registry.routed_alias:
+            return name
+        served = self.registry.get(name)
+        return served.name if served is not None else ""
+
+    def candidates(self, conversation: Conversation) -> list[str]:
+        limit = self.settings.max_images_per_request
+        return [m.name for m in self.registry if capability_problem(m, conversation, limit) is None]
+
+    # -- the route and the model's inputs (worker thread) ------------------------------------------
+    def _resolve(self, prepared: PreparedChat, tenant: str | None) -> Routed:
+        conversation, target = prepared.conversation, prepared.target
+        seen: dict = {}  # (model, image, visual_tokens) -> its vision result: the router's lookups serve the decoder
+        decision = self._decide(prepared, tenant, seen)
+        if decision.finished:
+            answering = decision.model or (target.name if target is not None else self.registry.routed_alias)
+            return Routed(answering, decision)
+        served = self.registry.get(decision.model)
+        try:
+            prompt = served.model.chat_prompt(conversation)
+        except PromptError as e:
+            raise APIError(400, str(e), param="messages", code="unsupported_prompt") from None
+        max_tokens = completion_budget(prepared.req, len(prompt), served.model.context_length,
+                                       self.settings.default_max_tokens)
+        params = sampling_params(prepared.req, max_tokens)
+        images = tuple(self._image(served, source, prepared.req.visual_tokens, tenant, seen)
+                       for source in conversation.images)
+        return Routed(served.name, decision, served, tuple(prompt), params, images)
+
+    def _decide(self, prepared: PreparedChat, tenant: str | None, seen: dict) -> RouteDecision:
+        """The staged router over the images as the zero-shot model sees them (when one is served)."""
+        conversation, target = prepared.conversation, prepared.target
+        zero_shot = self.zero_shot_model
+        features = []
+        if zero_shot is not None and conversation.images:
+            features = [self._features(zero_shot, source, None, tenant, seen).features for source in conversation.images]
+        candidates = self.candidates(conversation) if target is None else [target.name]
+        stage1 = target is None or (zero_shot is not None and target is zero_shot)
+        decision = self.router.decide(features, conversation.question, candidates, stage1=stage1)
+        if self.metrics is not None:
+            self.metrics.record_route(decision.model or (target.name if target else ""), decision.route)
+        return decision
+
+    def _features(self, served: ServedModel, source: str, visual_tokens, tenant: str | None, seen: dict):
+        key = (served.name, source, visual_tokens)
+        if key in seen:
+            return seen[key]
+        try:
+            result = seen[key] = served.vision.features(source, visual_tokens, tenant)
+        except VisualTokensError as e:
+            raise APIError(400, str(e), param="visual_tokens", code=e.code) from None
+        if self.metrics is not None:
+            self.metrics.record_feature_cache(served.name, "hot", result.source == "hot")
+            if result.source != "hot":
+                self.metrics.record_feature_cache(served.name, "disk", result.source == "disk")
+        return result
+
+    def _image(self, served: ServedModel, source: str, visual_tokens, tenant: str | None, seen: dict) -> ImageInput:
+        result = self._features(served, source, visual_tokens, tenant, seen)
+        return ImageInput(result.key, result.features.tokens, result.features.attended_tokens)
+
+    async def resolve(self, prepared: PreparedChat, tenant: str | None) -> Routed:
+        return await to_thread.run_sync(self._resolve, prepared, tenant)
+
+    # -- generation --------------------------------------------------------------------------------
+    async def _outputs(self, prepared: PreparedChat, routed: Routed) -> AsyncIterator[RequestOutput]:
+        if routed.served is None:  # the router answered: no decoder
+            yield self._router_answer(prepared, routed)
+            return
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        timer = self.metrics.generation_timer(routed.model) if self.metrics else None
+        emitted = 0
+        images = list(routed.images) or None
+        try:
+            async for out in routed.served.engine.generate(request_id, list(routed.prompt), images, routed.params):
+                if timer is not None and out.completion_tokens > emitted:
+                    timer.tokens(out.completion_tokens - emitted)
+                    emitted = out.completion_tokens
+                yield out
+        except PromptRejected as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        except ValueError as e:  # the family refused the images the prompt places (e.g. a template without them)
+            raise APIError(400, str(e), param="messages", code="unsupported_prompt") from None
+
+    def _router_answer(self, prepared: PreparedChat, routed: Routed) -> RequestOutput:
+        answer = routed.decision.answer
+        served = self.registry.get(routed.model)
+        prompt_tokens = completion = 0
+        if served is not None:
+            try:
+                prompt_tokens = len(served.model.chat_prompt(prepared.conversation))
+            except PromptError:
+                pass
+            completion = len(served.model.tokenizer.encode(answer)) + 1  # and the end token
+        return RequestOutput(routed.route, answer, answer, True, "stop", (), prompt_tokens, completion, 0)
+
+    def _error_event(self, e: APIError, model: str) -> bytes:
+        """An error after the stream started: the status line is long gone, so it travels as an event
+        (and the metrics middleware, which saw a 200, hears of it here)."""
+        if self.metrics is not None:
+            self.metrics.record_failure(e.type, e.code, model)
+        return _sse(ErrorBody(ErrorDetail(e.message, e.type, e.param, e.code)))
+
+    def _timeout(self) -> APIError:
+        return APIError(504, f"the request took longer than {self.settings.request_timeout_s} s",
+                        type="timeout_error", code="timeout")
+
+    async def complete(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
+                       tenant: str | None = None) -> tuple[ChatCompletion, Routed]:
+        prepared = self.prepare(req)
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                routed = await self.resolve(prepared, tenant)
+                final = None
+                async for out in self._outputs(prepared, routed):
+                    final = out
+        except TimeoutError:
+            raise self._timeout() from None
+        if on_usage is not None:
+            on_usage(final.prompt_tokens + final.completion_tokens)
+        common = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=routed.model,
+                      usage=Usage(final.prompt_tokens, final.completion_tokens,
+                                  final.prompt_tokens + final.completion_tokens))
+        message = AssistantMessage(final.text)
+        if req.return_token_ids:
+            choice = ChoiceWithTokens(0, message, final.finish_reason, token_ids=list(final.token_ids))
+            return ChatCompletionWithTokens(choices=[choice], prompt_token_ids=list(routed.prompt), **common), routed
+        return ChatCompletion(choices=[Choice(0, message, final.finish_reason)], **common), routed
+
+    async def start_stream(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
+                           tenant: str | None = None) -> tuple[AsyncIterator[bytes], Routed]:
+        """Validate, get the images' features and route now (errors become a 4xx before the first
+        byte); -> (the server-sent events in OpenAI's chunk format ending with `data: [DONE]`, the route)."""
+        prepared = self.prepare(req)
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                routed = await self.resolve(prepared, tenant)
+        except TimeoutError:
+            raise self._timeout() from None
+        return self._events(prepared, routed, include_usage, deadline, on_usage), routed
+
+    async def _events(self, prepared: PreparedChat, routed: Routed, include_usage: bool,
+                      deadline: float, on_usage: UsageHook | None) -> AsyncIterator[bytes]:
+        chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), routed.model
+
+        def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, choices=True) -> bytes:
+            return _sse(ChatCompletionChunk(chunk_id, created, model,
+                                            [ChunkChoice(0, delta, finish)] if choices else [], usage))
+
+        yield chunk(Delta(role="assistant", content=""))
+        final = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for out in self._outputs(prepared, routed):
+                    final = out
+                    if out.delta_text or out.finished:
+                        yield chunk(Delta(content=out.delta_text) if out.delta_text else Delta(), out.finish_reason)
+        except TimeoutError:
+            yield self._error_event(self._timeout(), model)
+        except APIError as e:
+            yield self._error_event(e, model)
+        if on_usage is not None and final is not None:
+            on_usage(final.prompt_tokens + final.completion_tokens)
+        if include_usage and final is not None:
+            yield chunk(Delta(), usage=Usage(final.prompt_tokens, final.completion_tokens,
+                                             final.prompt_tokens + final.completion_tokens), choices=False)
+        yield b"data: [DONE]\n\n"

@@ -1,0 +1,21 @@
+"""What a served model can do, declared by its family (never probed): the chat service, embeddings,
+classification and the router read these before sending a model anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    questions: bool  # answers free-form prompts (False: a caption-only model)
+    captions: bool  # describes an image it is shown with no question
+    max_images: int  # images per conversation; 0: a text-only model
+    text_only: bool  # conversations with no image at all
+    embeddings: bool  # /v1/embeddings: contrastive image and text latents in one space
+    zero_shot: bool  # /v1/classify and the router's stage 1: labels scored against an image
+
+    def summary(self) -> list[str]:
+        """What /v1/models lists for the model."""
+        names = [n for n in ("questions", "captions", "text_only", "embeddings", "zero_shot") if getattr(self, n)]
+        return names + ([f"images:{self.max_images}"] if self.max_images else [])

@@ -1,0 +1,44 @@
+"""Model families: which one serves a checkpoint directory, found from its files (or named).
+
+    coca    config.json with a "coca" section (the mmserve format), or open_clip_config.json
+    mllama  config.json naming MllamaForConditionalGeneration (a Hugging Face directory)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.models.families.base import FamilyModel, PromptError
+from app.models.families.coca import CoCaModel
+from app.models.families.mllama import MllamaModel
+from llm.loading.errors import ModelDirError
+from llm.loading.hf import read_config
+
+FAMILIES = {"coca": CoCaModel, "mllama": MllamaModel}
+DESCRIBED = "coca (mmserve or open_clip CoCa format), mllama (MllamaForConditionalGeneration)"
+
+__all__ = ["FAMILIES", "FamilyModel", "PromptError", "detect_family", "load_family_model"]
+
+
+def detect_family(path: Path) -> str:
+    if not path.is_dir():
+        raise ModelDirError(f"model directory not found: {path}")
+    for name, family in FAMILIES.items():
+        if family.detect(path):
+            return name
+    if (path / "config.json").is_file():
+        config = read_config(path)
+        named = config.get("architectures") or [config.get("model_type", "unknown")]
+        raise ModelDirError(f"{path / 'config.json'}: architecture {', '.join(map(str, named))} is not supported; "
+                            f"supported: {DESCRIBED}")
+    raise ModelDirError(f"{path} holds no checkpoint this server can read (no config.json or open_clip_config.json); "
+                        f"supported: {DESCRIBED}")
+
+
+def load_family_model(path: Path, family: str = "", max_context: int | None = None) -> FamilyModel:
+    """`family` "" = detected. `max_context` caps a family whose configured context is longer."""
+    path = Path(path)
+    family = family or detect_family(path)
+    if family not in FAMILIES:
+        raise ModelDirError(f"model family {family!r} is not supported; supported: {DESCRIBED}")
+    return FAMILIES[family].load(path, max_context)

@@ -1,0 +1,43 @@
+"""What a model family gives the serving side: one loaded checkpoint behind `FamilyModel`.
+
+A family turns a checkpoint directory into a decoder (llm/models), an image encoder (vision/encoders)
+when it sees images, a tokenizer and a way from a `Conversation` to prompt ids, and declares its
+`Capabilities`. The served model (app/models/served.py) builds the engine and the vision stage around
+it. Families are found by `app/models/families/__init__.py` from the files in a directory.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from app.chat.conversation import Conversation
+from app.models.capabilities import Capabilities
+from app.models.contrastive import ContrastiveTowers
+from llm.loading.tokenizers import TextTokenizer
+from vision.encoders.base import ImageEncoder
+
+
+class PromptError(ValueError):
+    """A conversation this model cannot take (the message says why, for a 400)."""
+
+
+@runtime_checkable
+class FamilyModel(Protocol):
+    family: str  # "coca", "mllama", ...
+    name: str  # the checkpoint's own name (what it is served as when the entry names none)
+    weights_digest: str  # sha256 of the weights: the version label's default, part of feature-cache keys
+    capabilities: Capabilities
+    labels: tuple[str, ...]  # its own zero-shot label set; () when none
+    encoder: ImageEncoder | None
+    decoder: torch.nn.Module  # llm.models.interfaces.DecoderModel
+    tokenizer: TextTokenizer
+    stop_ids: tuple[int, ...]  # end-of-turn ids
+    contrastive: ContrastiveTowers | None
+
+    @property
+    def context_length(self) -> int: ...
+
+    def chat_prompt(self, conversation: Conversation) -> list[int]:
+        """The prompt ids of a conversation whose last message is the user's; raises PromptError."""

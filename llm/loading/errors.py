@@ -1,0 +1,2 @@
+class ModelDirError(ValueError):
+    """A model directory that is missing, incomplete or unreadable; the message names the path."""
