@@ -25,7 +25,8 @@ from pathlib import Path
 from bench.models import random_pictures
 
 REPO = Path(__file__).resolve().parent.parent
-EXPORT = "profile_export_aiperf.json"
+EXPORT = "profile_export_aiperf.json"  # the summary
+RECORDS = "profile_export.jsonl"  # one record per request
 QUESTIONS = ("What is in this picture?", "Describe the image in one sentence.", "What colours do you see?",
              "Is there a person in this image?", "What is the main object here?")
 
@@ -72,19 +73,20 @@ class LoadResult:
         return asdict(self)
 
 
-def parse_export(path: Path, concurrency: int) -> LoadResult:
-    """Figures from AIPerf's profile_export_aiperf.json. A run where every request failed has no latency
-    metrics at all: those read as NaN, and `errors` says why."""
-    data = json.loads(Path(path).read_text())
+def parse_run(out_dir: Path, concurrency: int) -> LoadResult:
+    """Figures from one run's artifacts: the summary (profile_export_aiperf.json) and the per-request
+    records (profile_export.jsonl), which also carry each failed request's error. When every request
+    failed AIPerf writes no summary: the figures then read as NaN and `errors` says why."""
+    out_dir = Path(out_dir)
+    records = [json.loads(line) for line in (out_dir / RECORDS).read_text().splitlines() if line.strip()]
+    failed = [r["error"] for r in records if r.get("error")]
+    summary = json.loads((out_dir / EXPORT).read_text()) if (out_dir / EXPORT).is_file() else {}
 
     def stat(name: str, key: str) -> float:
-        return float(data.get(name, {}).get(key, float("nan")))
+        return float(summary.get(name, {}).get(key, float("nan")))
 
-    errors = sum(int(e.get("count", 1)) for e in data.get("error_summary") or [])
-    kinds = tuple(str(e.get("error_details", {}).get("message") or e.get("error_details") or e)[:200]
-                  for e in data.get("error_summary") or [])
-    completed = int(stat("request_count", "avg")) if "request_count" in data else 0
-    return LoadResult(concurrency=concurrency, requests=completed + errors, errors=errors,
+    kinds = tuple(sorted({(f"{e['code']} " if e.get("code") else "") + str(e.get("message"))[:200] for e in failed}))
+    return LoadResult(concurrency=concurrency, requests=len(records), errors=len(failed),
                       output_tok_s=stat("output_token_throughput", "avg"), ttft_p50_ms=stat("time_to_first_token", "p50"),
                       ttft_p95_ms=stat("time_to_first_token", "p95"), itl_p50_ms=stat("inter_token_latency", "p50"),
                       latency_p50_ms=stat("request_latency", "p50"), latency_p95_ms=stat("request_latency", "p95"),
@@ -107,7 +109,7 @@ def profile(base_url: str, model: str, dataset: Path, concurrency: int, requests
     env["PYTHONPATH"] = ""  # AIPerf is its own program: none of this repository's modules
     with (out_dir / "aiperf_stdout.txt").open("w") as log:
         done = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
-    if done.returncode != 0 or not (out_dir / EXPORT).is_file():
+    if not (out_dir / RECORDS).is_file():  # it exits 1 when every request failed, records written all the same
         tail = (out_dir / "aiperf_stdout.txt").read_text()[-2000:]
         raise RuntimeError(f"aiperf exited {done.returncode} (log {out_dir / 'aiperf_stdout.txt'}):\n{tail}")
-    return parse_export(out_dir / EXPORT, concurrency)
+    return parse_run(out_dir, concurrency)
