@@ -42,14 +42,15 @@ MLLAMA_NAME = "mllama"  # the name mmserve serves the checkpoint under
 ROUTED_ALIAS = "auto"  # the registry's routed model name (--two-models): the router picks the model
 
 
-def mmserve_launch(port: int, models: dict[str, Path] | None = None, dtype: str = "float32") -> Launch:
+def mmserve_launch(port: int, models: dict[str, Path] | None = None, dtype: str = "float32",
+                   router: bool = False) -> Launch:
     """The one place the mmserve command is spelled. models: name -> checkpoint dir (`--model NAME=DIR`,
     repeatable, the registry's CLI); None = the bundled demo model ("mmserve-demo", an image per request).
-    The router is off and the rate limit too: transformers serve has neither."""
+    The rate limit is off, and the staged router unless `router`: transformers serve has neither."""
     argv = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
     for name, directory in (models or {}).items():
         argv += ["--model", f"{name}={directory}"]
-    env = {"MMSERVE_ROUTER_ENABLED": "false", "MMSERVE_RATE_LIMIT_RPM": "0", "MMSERVE_DTYPE": dtype,
+    env = {"MMSERVE_ROUTER_ENABLED": str(router).lower(), "MMSERVE_RATE_LIMIT_RPM": "0", "MMSERVE_DTYPE": dtype,
            "MMSERVE_REQUEST_TIMEOUT_S": "600", "PYTHONPATH": str(REPO)}
     name = next(iter(models)) if models else "mmserve-demo"
     return Launch("mmserve" if models else "mmserve (demo model)", argv, env, name, "/ready",
@@ -120,14 +121,15 @@ def ratios(ours: list[dict], best: dict) -> dict:
             "ttft_target_met": None if math.isnan(ttft) else ttft <= 0.1}
 
 
-def two_models(ckpt: Path, dataset: Path, requests: int) -> list[dict]:
+def two_models(ckpt: Path, dataset: Path, requests: int, dtype: str) -> list[dict]:
     """mmserve with one checkpoint, then with two (a second seed: no weights shared): resident memory after a
     warm-up each; and with two, the same requests at concurrency 1 naming the model vs through the routed
-    alias (which the router resolves to one of the two)."""
+    alias ROUTED_ALIAS (the staged router on, as a server runs by default, resolves it to one of the two):
+    the latency difference is what routing costs a request."""
     second = checkpoint(seed=1)
     rows = []
     for models in ({MLLAMA_NAME: ckpt}, {MLLAMA_NAME: ckpt, f"{MLLAMA_NAME}-b": second}):
-        launch = mmserve_launch(free_port(), models)
+        launch = mmserve_launch(free_port(), models, dtype, router=True)
         try:
             with serving(launch, OUT / f"two-models-{len(models)}.log") as server:
                 warm_up(server, dataset, NEW_TOKENS)
@@ -153,6 +155,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="concurrency 8 and 16, fewer requests (< 6 minutes)")
     parser.add_argument("--hf-dtype", default="bfloat16",
                         help="transformers serve's --dtype in --quick (the fastest at concurrency 16 in the full run)")
+    parser.add_argument("--mmserve-dtype", default="float32", help="MMSERVE_DTYPE for the mmserve runs")
     parser.add_argument("--demo", action="store_true", help="also check the harness on mmserve's bundled demo model")
     parser.add_argument("--two-models", action="store_true", help="also the two-models section (needs the registry)")
     parser.add_argument("--skip-mmserve", action="store_true", help="transformers serve only")
@@ -175,7 +178,7 @@ def main() -> None:
         said = [line.strip() for line in (OUT / "hf-cb.log").read_text().splitlines() if "continuous batching" in line]
         details["continuous_batching_log"] = said[:3]
 
-    ours = [] if args.skip_mmserve else measure(mmserve_launch(free_port(), {MLLAMA_NAME: ckpt}), plan, dataset,
+    ours = [] if args.skip_mmserve else measure(mmserve_launch(free_port(), {MLLAMA_NAME: ckpt}, args.mmserve_dtype), plan, dataset,
                                                 ckpt, "mmserve")
     sections.append((f"Streaming chat, 125M Mllama, {NEW_TOKENS} output tokens, one image per request (AIPerf)",
                      table(hf_rows + ours, COLUMNS + ["unavailable"])
@@ -192,7 +195,7 @@ def main() -> None:
         summary["demo_harness_ok"] = all(r.get("errors") == 0 for r in demo) and bool(demo)
         details["demo"] = demo
     if args.two_models:
-        both = two_models(ckpt, dataset, requests=8)
+        both = two_models(ckpt, dataset, requests=8, dtype=args.mmserve_dtype)
         sections.append(("Two models served at once (mmserve)", table(both)))
         details["two_models"] = both
     details.update(transformers=hf_rows, mmserve=ours)
