@@ -38,6 +38,11 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """The 400 every part of the API raises for a request it refuses: OpenAI's invalid_request_error."""
+    return APIError(400, message, param=param, code=code)
+
+
 def error_response(request: Request | None, status: int, message: str, type: str, param: str | None = None,
                    code: str | None = None, headers: dict | None = None) -> Response:
     """`request` None: an error with no HTTP request of its own (a batch line)."""

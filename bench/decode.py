@@ -31,7 +31,7 @@ from bench.models import (BOS, EOS, EOT, MLLAMA_TILE, PAD, SOT, open_clip_genera
 from bench.report import command_line, publish, table
 from llm.engine import Engine, EngineConfig, ImageInput, tensor_digest
 from llm.packed_linear import pack_linears, weight_bytes
-from llm.sampling import SamplingParams
+from llm.params import SamplingParams
 
 MiB = 1 << 20
 

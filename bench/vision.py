@@ -200,7 +200,8 @@ def reduction_accuracy(runtime, n_images: int, seed: int = 2026, max_new_tokens:
     decoder's prefill time for a batch of caption prompts (best of 5: on a shared machine the noise is
     all on the slow side)."""
     from llm.loading.chat_format import CAPTION_QUESTION, Turn
-    from llm.generate import GenerationParams, generate_greedy
+    from llm.generate import generate_greedy
+    from llm.params import SamplingParams
     from tests import independent_world as iw
 
     items = iw.make_eval_set(n_images, seed)
@@ -216,7 +217,7 @@ def reduction_accuracy(runtime, n_images: int, seed: int = 2026, max_new_tokens:
             prompts.append(runtime.prompt_ids([Turn(question)]))
             expected.append(answer)
             is_caption.append(question == CAPTION_QUESTION)
-    params = GenerationParams(max_new_tokens=max_new_tokens, stop_ids=runtime.format.stop_ids)
+    params = SamplingParams(max_tokens=max_new_tokens, stop_token_ids=runtime.format.stop_ids)
     caption_prompt = runtime.prompt_ids([Turn(CAPTION_QUESTION)])
 
     def evaluate(embs: torch.Tensor) -> dict:
@@ -229,7 +230,7 @@ def reduction_accuracy(runtime, n_images: int, seed: int = 2026, max_new_tokens:
         other = [r for r, c in zip(right, is_caption) if not c]
         b = min(prefill_batch, n_images)
         prefill = [_timed(lambda: generate_greedy(runtime.decoder, embs[:b], [caption_prompt] * b,
-                                                  GenerationParams(max_new_tokens=1)))[0] for _ in range(5)]
+                                                  SamplingParams(max_tokens=1)))[0] for _ in range(5)]
         cap, ans = sum(caption) / len(caption), sum(other) / len(other)
         return {"tokens": embs.shape[1], "caption_exact_match": cap, "answer_accuracy": ans,
                 "accuracy": (cap + ans) / 2, "prefill_ms": min(prefill), "prefill_batch": b}

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from llm.engine import Engine, ImageInput, RequestOutput
-from llm.sampling import SamplingParams
+from llm.params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import torch
 from llm.cross_plan import ImageSpan
 from llm.model_runner import ModelRunner
 from llm.packed_linear import pack_linears
-from llm.sampling import SamplingParams
+from llm.params import SamplingParams
 from llm.scheduler import Scheduler, SchedulerConfig
-from llm.sequence import Sequence, StopConditions
+from llm.sequence import Sequence
 from llm.loading.tokenizers import TextTokenizer
 
 
@@ -169,8 +169,7 @@ class Engine:
         images the model cannot take."""
         digest, tokens, spans = image_run(images)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_ids)
-        seq = Sequence(request_id, tuple(prompt_ids), extra_key=digest or "",
-                       stop=StopConditions(params.max_tokens, stop_ids, params.min_tokens))
+        seq = Sequence(request_id, tuple(prompt_ids), extra_key=digest or "", params=params, stop_ids=stop_ids)
         self.runner.add_request(request_id, list(prompt_ids), digest, tokens, spans, params, stop_ids)
         try:
             self.scheduler.add(seq)

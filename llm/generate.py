@@ -8,21 +8,12 @@ returns every position's logits: what the oracle tests compare with reference im
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from llm.engine import Engine, EngineConfig, ImageInput, Images, image_run, tensor_digest
 from llm.model_runner import ModelRunner
-from llm.sampling import SamplingParams
+from llm.params import SamplingParams
 from llm.scheduler import ScheduledChunk
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationParams:
-    max_new_tokens: int = 32
-    stop_ids: tuple[int, ...] = ()
-    min_new_tokens: int = 0  # stop ids are suppressed until this many tokens were generated
 
 
 def as_images(image_embs, attended_tokens: list[int | None] | None = None) -> list[Images]:
@@ -36,24 +27,23 @@ def as_images(image_embs, attended_tokens: list[int | None] | None = None) -> li
 
 
 def generate_greedy(model: torch.nn.Module, image_embs, prompts: list[list[int]],
-                    params: GenerationParams, block_size: int = 16,
+                    params: SamplingParams, block_size: int = 16,
                     attended_tokens: list[int | None] | None = None) -> list[list[int]]:
     """`image_embs`, `attended_tokens`: one image per prompt, or a list of `Images` (`as_images`).
-    Returns the new tokens of each row, stop token excluded. Generation stops at a stop id, at
-    max_new_tokens, or at the context end. A prompt that leaves no room to generate raises
+    Returns the new tokens of each row, stop token excluded. Generation stops at one of
+    `params.stop_token_ids`, at `params.max_tokens`, or at the context end; it samples as `params`
+    says (greedy by default). A prompt that leaves no room to generate raises
     llm.scheduler.PromptRejected (the engine's check)."""
     images = as_images(image_embs, attended_tokens)
     context = model.context_length
     # A pool that holds the whole batch at once, so nothing is preempted.
-    tokens = sum(-(-min(len(p) + params.max_new_tokens, context) // block_size) + 1 for p in prompts) * block_size
+    tokens = sum(-(-min(len(p) + params.max_tokens, context) // block_size) + 1 for p in prompts) * block_size
     kv_bytes = tokens * model.kv_shape.bytes_per_token(next(model.parameters()).dtype)
-    engine = Engine(model, None, params.stop_ids,
+    engine = Engine(model, None, (),
                     EngineConfig(block_size=block_size, kv_cache_bytes=kv_bytes, max_num_seqs=max(1, len(prompts)),
                                  max_num_batched_tokens=max(512, sum(len(p) for p in prompts)),
                                  cross_cache_bytes=image_kv_bytes(model, images)))
-    sampling = SamplingParams(max_tokens=params.max_new_tokens, min_tokens=min(params.min_new_tokens,
-                                                                                params.max_new_tokens))
-    return [list(o.token_ids) for o in engine.generate([(p, i, sampling) for p, i in zip(prompts, images)])]
+    return [list(o.token_ids) for o in engine.generate([(p, i, params) for p, i in zip(prompts, images)])]
 
 
 def image_kv_bytes(model: torch.nn.Module, images: list[Images]) -> int:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from llm.attention import CrossLayerKV, DecodeKeys, KVShape, PrefillSpan, StepBatch
 from llm.cross_kv_pool import CrossKV, CrossKVPool
 from llm.cross_plan import CrossPlan, ImageSpan, KeyRanges
-from llm.sampling import RequestSampler, SamplingParams, sample
+from llm.params import SamplingParams
+from llm.sampling import RequestSampler, sample
 from llm.scheduler import ScheduledChunk, SchedulerOutput
 
 

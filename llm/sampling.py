@@ -8,43 +8,9 @@ its own rows, so a seeded request gives the same tokens whatever else shares its
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_tokens: int = 32
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0  # HF semantics: divides positive logits of seen tokens, multiplies negative
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
-    stop_token_ids: tuple[int, ...] = ()  # added to the model's own end-of-turn ids
-    min_tokens: int = 0  # stop ids are masked out until this many tokens were generated
-    ignore_eos: bool = False  # benchmarks: always generate max_tokens
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0 <= self.temperature <= 2:
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.repetition_penalty <= 10:
-            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from llm.params import SamplingParams
 
 
 class RequestSampler:

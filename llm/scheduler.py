@@ -214,11 +214,10 @@ class Scheduler:
         """Append a sampled token, or say why the sequence ends. A stop id ends it unappended. A
         sequence also ends when the pool could not hold one more of its tokens, so that a lone
         sequence always fits and preemption can never loop."""
-        limits = seq.stop
-        if token_id in limits.stop_ids and seq.num_output_tokens >= limits.min_new_tokens:
+        if token_id in seq.stop_ids and seq.num_output_tokens >= seq.params.min_tokens:
             return "stop"
         seq.append_token(token_id)
-        if (seq.num_output_tokens >= limits.max_new_tokens or seq.num_tokens >= self.config.max_model_len
+        if (seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.config.max_model_len
                 or seq.num_tokens > self.config.pool_tokens):
             return "length"
         return None

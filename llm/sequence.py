@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Literal
 
+from llm.params import SamplingParams
+
 FinishReason = Literal["stop", "length", "abort"]  # OpenAI's finish_reason values, plus "abort"
 
 
@@ -22,24 +24,6 @@ class SequenceStatus(Enum):
     PREEMPTED = auto()  # waiting again after its blocks were taken; its outputs are recomputed with the prompt
     FINISHED = auto()
     ABORTED = auto()
-
-
-@dataclass(frozen=True, slots=True)
-class StopConditions:
-    """What ends a sequence besides the context length. Mirrors llm.generate.GenerationParams, which
-    cannot be imported here because that module imports torch."""
-
-    max_new_tokens: int = 32
-    stop_ids: frozenset[int] = frozenset()
-    min_new_tokens: int = 0  # stop ids are not honoured (and should be masked by the sampler) before this
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must lie in [0, max_new_tokens={self.max_new_tokens}], "
-                             f"got {self.min_new_tokens}")
-        object.__setattr__(self, "stop_ids", frozenset(self.stop_ids))
 
 
 @dataclass(eq=False, slots=True)
@@ -57,7 +41,8 @@ class Sequence:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     extra_key: str = ""
-    stop: StopConditions = StopConditions()
+    params: SamplingParams = SamplingParams()  # its max_tokens and min_tokens bound the generation
+    stop_ids: frozenset[int] = frozenset()  # the ids that end it: the model's end-of-turn ids and the request's
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     token_ids: list[int] = field(init=False)
@@ -70,6 +55,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = tuple(int(t) for t in self.prompt_token_ids)
+        self.stop_ids = frozenset(self.stop_ids)
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.request_id!r} has an empty prompt")
         self.token_ids = list(self.prompt_token_ids)

@@ -11,7 +11,8 @@ import torch
 
 from llm.models.coca import decoder_from_open_clip
 from llm import model_runner
-from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
+from llm.generate import generate_greedy, teacher_forced_logits
+from llm.params import SamplingParams
 from llm.packed_linear import onednn_packing_works, pack_linears
 from tests.oracle import open_clip_greedy
 from vision.preprocess import preprocess
@@ -84,8 +85,8 @@ def reference_new_tokens(model, image, prompt, eos, seq_len=30, min_seq_len=5):
 
 def generate_settings(prompt, eos, seq_len=30, min_seq_len=5):
     # generate's seq_len counts the prompt and the forced final end token
-    return GenerationParams(max_new_tokens=seq_len - len(prompt) - 1, stop_ids=(eos,),
-                            min_new_tokens=max(0, min_seq_len - len(prompt)))
+    return SamplingParams(max_tokens=seq_len - len(prompt) - 1, stop_token_ids=(eos,),
+                          min_tokens=max(0, min_seq_len - len(prompt)))
 
 
 def test_small_coca_greedy_tokens_match_open_clip(small_coca):
@@ -96,7 +97,7 @@ def test_small_coca_greedy_tokens_match_open_clip(small_coca):
     prompt = [1]
     # pick as end token the first token greedy decoding emits for image 0, so that generation
     # really stops early there and the minimum-length rule is exercised
-    eos = decoder_first_token = generate_greedy(decoder, image_embs[:1], [prompt], GenerationParams(1))[0][0]
+    eos = decoder_first_token = generate_greedy(decoder, image_embs[:1], [prompt], SamplingParams(1))[0][0]
     ours = generate_greedy(decoder, image_embs, [prompt] * 4, generate_settings(prompt, eos))
     for i in range(4):
         assert ours[i] == reference_new_tokens(small_coca, images[i:i + 1], prompt, eos), i
@@ -116,7 +117,7 @@ def test_ragged_prompts_in_one_batch_match_one_by_one(small_coca, split, monkeyp
     with torch.inference_mode():
         _, image_embs = small_coca._encode_image(images)
     eos = 3
-    ours = generate_greedy(decoder, image_embs, prompts, GenerationParams(12, stop_ids=(eos,)))
+    ours = generate_greedy(decoder, image_embs, prompts, SamplingParams(12, stop_token_ids=(eos,)))
     for i, prompt in enumerate(prompts):
         assert ours[i] == reference_new_tokens(small_coca, images[i:i + 1], prompt, eos, len(prompt) + 13, 0)
     assert max(len(bounds) - 1 for bounds in groups_seen) == (4 if split else 1)

@@ -14,7 +14,7 @@ from llm.async_engine import AsyncEngine
 from llm.loading.chat_format import CAPTION_QUESTION, Turn
 from llm.packed_linear import dense_copy
 from llm.engine import Engine, EngineConfig, ImageInput, tensor_digest
-from llm.sampling import SamplingParams
+from llm.params import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -236,12 +236,12 @@ def test_bfloat16_weights_give_nearly_the_same_answers(demo_runtime, scenes, ima
 
 
 def test_a_prompt_that_fills_the_context_is_rejected_naming_both_numbers(demo_runtime, images):
-    from llm.generate import GenerationParams, generate_greedy
+    from llm.generate import generate_greedy
     from llm.scheduler import PromptRejected
 
     context = demo_runtime.context_length
     with pytest.raises(PromptRejected, match=f"maximum context length is {context} tokens.*prompt has {context} tokens"):
-        generate_greedy(demo_runtime.decoder, images[0].tokens[None], [[1] * context], GenerationParams(4))
+        generate_greedy(demo_runtime.decoder, images[0].tokens[None], [[1] * context], SamplingParams(4))
 
 
 def test_an_image_input_names_a_bad_attended_token_count():

@@ -15,7 +15,8 @@ from transformers.models.mllama.processing_mllama import (
 
 from llm.cross_plan import ImageSpan, image_token_plan
 from llm.engine import ImageInput, tensor_digest
-from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
+from llm.generate import generate_greedy, teacher_forced_logits
+from llm.params import SamplingParams
 from llm.models.mllama import mllama_decoder_from_hf_model
 from tests.test_mllama_oracle import BOS, PAD, PREPROCESS, SMALL_VISION, TINY_TEXT, images, random_mllama, rel_err
 from vision.encoders.mllama import MllamaVisionEncoder
@@ -101,7 +102,7 @@ def test_greedy_tokens_match_transformers_with_several_images_and_none_in_one_ba
     pictures = [images([2, 3], seed=1), images([1, 4], seed=2), images([2], seed=3), []]
     prompts = [two, adjacent, one, text]
     per_row = [request_images(encoder, p) or None for p in pictures]
-    ours = generate_greedy(decoder, per_row, prompts, GenerationParams(10))
+    ours = generate_greedy(decoder, per_row, prompts, SamplingParams(10))
     for i, (p, pics) in enumerate(zip(prompts, pictures)):
         assert ours[i] == hf_greedy(model, encoder, pics, p, 10), i
 

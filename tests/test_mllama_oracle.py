@@ -17,11 +17,14 @@ from transformers.models.mllama.processing_mllama import (
 )
 
 from llm.cross_plan import ImageSpan
-from llm.generate import GenerationParams, generate_greedy, teacher_forced_logits
+from llm.generate import generate_greedy, teacher_forced_logits
+from llm.params import SamplingParams
 from llm.model_runner import compiled_for_decode
 from llm.packed_linear import PackedLinear, onednn_packing_works, pack_linears
 from llm.models.mllama import MllamaDecoderConfig, mllama_decoder_from_hf_model, mllama_from_hf_dir, rope_inv_freq
-from vision.encoders.mllama import MllamaPreprocessCfg, MllamaVisionEncoder
+from llm.loading.errors import ModelDirError
+from llm.loading.hf import load_tensors, read_config, read_json
+from vision.encoders.mllama import VISION_PREFIXES, MllamaPreprocessCfg, MllamaVisionEncoder
 
 BOS, EOS_UNUSED, PAD = 1, 2, 3
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -246,10 +249,10 @@ def check_greedy(model, decoder, encoder, tiles, lengths, max_new_tokens, seed):
     tokens, attended = our_tokens(encoder, pictures), our_attended(encoder, pictures)
     # as end token, a token one row emits after others (random models repeat themselves): that row
     # stops early there, the others may run to max_new_tokens
-    free = generate_greedy(decoder, tokens, prompts, GenerationParams(max_new_tokens), attended_tokens=attended)
+    free = generate_greedy(decoder, tokens, prompts, SamplingParams(max_new_tokens), attended_tokens=attended)
     row, stop_at = next((r, k) for r, gen in enumerate(free) for k in range(1, len(gen)) if gen[k] not in gen[:k])
     eos = free[row][stop_at]
-    ours = generate_greedy(decoder, tokens, prompts, GenerationParams(max_new_tokens, stop_ids=(eos,)),
+    ours = generate_greedy(decoder, tokens, prompts, SamplingParams(max_new_tokens, stop_token_ids=(eos,)),
                            attended_tokens=attended)
     for i in range(len(prompts)):
         assert ours[i] == hf_greedy(model, encoder, pictures[i], prompts[i], max_new_tokens, eos), i
@@ -319,7 +322,10 @@ def test_loader_reads_a_saved_checkpoint(tiny, tmp_path):
         assert loaded.cfg == decoder.cfg
         assert torch.equal(teacher_forced_logits(loaded, our_tokens(encoder, pictures), ids,
                                                  attended_tokens=attended), expected), d
-    loaded_encoder = MllamaVisionEncoder.from_hf_dir(tmp_path / "one")
+    one = tmp_path / "one"
+    loaded_encoder = MllamaVisionEncoder.from_state(read_config(one)["vision_config"],
+                                                    load_tensors(one, VISION_PREFIXES),
+                                                    read_json(one / "preprocessor_config.json"), "one")
     assert loaded_encoder.weights_digest == encoder.weights_digest
     assert loaded_encoder.preprocess_cfg == encoder.preprocess_cfg
     for ours, theirs in zip(our_tokens(loaded_encoder, pictures), our_tokens(encoder, pictures)):
@@ -328,16 +334,16 @@ def test_loader_reads_a_saved_checkpoint(tiny, tmp_path):
 
 def test_loader_errors_name_the_missing_file(tiny, tmp_path):
     model, _, _ = tiny
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+    with pytest.raises(ModelDirError, match=str(tmp_path / "nowhere" / "config.json")):
         mllama_from_hf_dir(tmp_path / "nowhere")
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=f"no \\*.safetensors weights .*{tmp_path / 'm'}"):
+    with pytest.raises(ModelDirError, match=f"{tmp_path / 'm'} has no \\*.safetensors weights"):
         mllama_from_hf_dir(tmp_path / "m")
-    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
-        MllamaVisionEncoder.from_hf_dir(tmp_path / "m")
+    with pytest.raises(ModelDirError, match=str(tmp_path / "m" / "preprocessor_config.json")):
+        read_json(tmp_path / "m" / "preprocessor_config.json")
     model.save_pretrained(tmp_path / "s", max_shard_size="100KB")
     shard = sorted((tmp_path / "s").glob("*.safetensors"))[0]
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=str(shard)):
+    with pytest.raises(ModelDirError, match=str(shard)):
         mllama_from_hf_dir(tmp_path / "s")

@@ -57,7 +57,7 @@ def test_only_fp32_cpu_weights_are_packed():
 def test_an_engine_with_packed_weights_decodes_the_same_tokens():
     from llm.models.coca import decoder_from_open_clip
     from llm.engine import Engine, EngineConfig, ImageInput, tensor_digest
-    from llm.sampling import SamplingParams
+    from llm.params import SamplingParams
     from tests.test_coca_oracle import SMALL_COCA, random_small_coca
 
     reference = random_small_coca(seed=3)

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm.models.coca import decoder_from_open_clip
-from llm.generate import GenerationParams, generate_greedy
+from llm.generate import generate_greedy
+from llm.params import SamplingParams
 from tests.test_coca_oracle import SMALL_COCA, random_small_coca
 from vision.reduce import ReductionSpec, keep_salient, pool_grid, reduce, tome_merge
 
@@ -199,7 +200,7 @@ def test_coca_decoder_generates_from_16_7_and_1_visual_tokens():
     with torch.inference_mode():
         _, image_embs = model._encode_image(torch.randn(2, 3, 64, 64))
     assert image_embs.shape == (2, 16, 96)  # 64 px / patch 16: a 4x4 grid
-    params, prompts = GenerationParams(max_new_tokens=6), [[1, 5], [1]]
+    params, prompts = SamplingParams(max_tokens=6), [[1, 5], [1]]
     sets = {16: image_embs, 7: reduce(image_embs, ReductionSpec("tome", 7)),
             1: reduce(image_embs, ReductionSpec("pool", 1), grid=(4, 4))}
     for n, embs in sets.items():

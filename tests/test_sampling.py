@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from llm.sampling import RequestSampler, SamplingParams, sample
+from llm.params import SamplingParams
+from llm.sampling import RequestSampler, sample
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.06, 0.04]))
 

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from llm.scheduler import PromptRejected, Scheduler, SchedulerConfig, SchedulerOutput
-from llm.sequence import Sequence, SequenceStatus, StopConditions
+from llm.params import SamplingParams
+from llm.sequence import Sequence, SequenceStatus
 
 STOP = 0
 
@@ -26,7 +27,7 @@ def config(**overrides) -> SchedulerConfig:
 
 def seq(request_id: str, tokens: list[int], image: str = "img-a", max_new: int = 4, min_new: int = 0) -> Sequence:
     return Sequence(request_id, tuple(tokens), extra_key=image,
-                    stop=StopConditions(max_new_tokens=max_new, stop_ids=frozenset({STOP}), min_new_tokens=min_new))
+                    params=SamplingParams(max_tokens=max_new, min_tokens=min_new), stop_ids=frozenset({STOP}))
 
 
 def step(scheduler: Scheduler, token: int = 7) -> tuple[SchedulerOutput, list[Sequence]]:
@@ -267,7 +268,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def _check_finished(self, finished: list[Sequence]) -> None:
         for s in finished:
             assert s.status is SequenceStatus.FINISHED and s.finish_reason in ("stop", "length")
-            assert s.num_output_tokens <= s.stop.max_new_tokens and s.num_tokens <= MACHINE_CONFIG.max_model_len
+            assert s.num_output_tokens <= s.params.max_tokens and s.num_tokens <= MACHINE_CONFIG.max_model_len
 
     @invariant()
     def blocks_are_accounted_for(self) -> None:

@@ -19,16 +19,12 @@ from app.batches.schemas import (CHAT_ENDPOINT, COMPLETION_WINDOW, Batch, BatchL
                                  FileObject)
 from app.batches.store import BatchStore
 from app.batches.worker import BatchWorker, ChatCompleter
-from app.errors import APIError
+from app.errors import APIError, bad_request
 from app.settings import Settings
 
 log = logging.getLogger("mmserve")
 T = TypeVar("T")
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's metadata rules
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
 
 
 def _not_found(what: str, ident: str, param: str | None = None) -> APIError:
@@ -84,14 +80,14 @@ class BatchService:
     async def upload(self, filename: str, purpose: str, content: bytes) -> FileObject:
         store = self._store()
         if purpose != "batch":
-            raise _bad(f"purpose must be 'batch' (files here are batch inputs), got {purpose!r}", "purpose")
+            raise bad_request(f"purpose must be 'batch' (files here are batch inputs), got {purpose!r}", "purpose")
         if len(content) > self.max_file_bytes:
             raise APIError(413, f"the file is over the limit of {self.max_file_bytes} bytes "
                            f"(setting max_file_bytes)", param="file", code="file_too_large")
         try:
             await asyncio.to_thread(parse_input_file, content, self.settings.max_batch_requests)
         except InputFileError as e:
-            raise _bad(f"invalid batch input file: {e}", "file", "invalid_input_file") from None
+            raise bad_request(f"invalid batch input file: {e}", "file", "invalid_input_file") from None
         return await self._off_loop(store.add_file, filename, purpose, content)
 
     async def get_file(self, file_id: str) -> FileObject:
@@ -110,17 +106,17 @@ class BatchService:
     async def create_batch(self, request: CreateBatchRequest) -> Batch:
         store = self._store()
         if request.endpoint != CHAT_ENDPOINT:
-            raise _bad(f"endpoint must be {CHAT_ENDPOINT!r}, the one endpoint batches run here; got "
+            raise bad_request(f"endpoint must be {CHAT_ENDPOINT!r}, the one endpoint batches run here; got "
                        f"{request.endpoint!r}", "endpoint", "unsupported_endpoint")
         if request.completion_window != COMPLETION_WINDOW:
-            raise _bad(f"completion_window must be {COMPLETION_WINDOW!r}, got {request.completion_window!r}",
+            raise bad_request(f"completion_window must be {COMPLETION_WINDOW!r}, got {request.completion_window!r}",
                        "completion_window")
         _check_metadata(request.metadata)
         file = await self._off_loop(store.get_file, request.input_file_id)
         if file is None:
             raise _not_found("file", request.input_file_id, "input_file_id")
         if file.purpose != "batch":
-            raise _bad(f"file {file.id!r} has purpose {file.purpose!r}; a batch reads a file uploaded with "
+            raise bad_request(f"file {file.id!r} has purpose {file.purpose!r}; a batch reads a file uploaded with "
                        f"purpose 'batch'", "input_file_id")
         batch = await self._off_loop(store.add_batch, request)
         self.worker.wake()
@@ -134,7 +130,7 @@ class BatchService:
 
     async def list_batches(self, limit: int, after: str | None) -> BatchList:
         if not 1 <= limit <= 100:
-            raise _bad(f"limit must be in 1..100, got {limit}", "limit")
+            raise bad_request(f"limit must be in 1..100, got {limit}", "limit")
         page, has_more = await self._off_loop(self._store().list_batches, limit, after)
         return BatchList(page, page[0].id if page else None, page[-1].id if page else None, has_more)
 
@@ -153,8 +149,8 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
     if not metadata:
         return
     if len(metadata) > MAX_METADATA_PAIRS:
-        raise _bad(f"metadata holds {len(metadata)} pairs; at most {MAX_METADATA_PAIRS} are allowed", "metadata")
+        raise bad_request(f"metadata holds {len(metadata)} pairs; at most {MAX_METADATA_PAIRS} are allowed", "metadata")
     for key, value in metadata.items():
         if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
-            raise _bad(f"metadata keys are at most {MAX_METADATA_KEY} characters and values at most "
+            raise bad_request(f"metadata keys are at most {MAX_METADATA_KEY} characters and values at most "
                        f"{MAX_METADATA_VALUE}; {key[:MAX_METADATA_KEY]!r} is over", "metadata")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.chat.schemas import ChatMessage, ImagePart, TextPart
-from app.errors import APIError
+from app.errors import bad_request
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -49,24 +49,20 @@ class Conversation:
                 and turns[0].text.lower() in ("", caption_question.lower()))
 
 
-def bad_message(message: str, code: str | None = None) -> APIError:
-    return APIError(400, message, param="messages", code=code)
-
-
 def parse_messages(messages: list[ChatMessage]) -> Conversation:
     """Roles, parts and order checked; which model can take it is the caller's question."""
     if not messages:
-        raise bad_message("messages must not be empty")
+        raise bad_request("messages must not be empty", "messages")
     out: list[Message] = []
     images: list[str] = []
     for i, message in enumerate(messages):
         role = ROLES.get(message.role)
         if role is None:
-            raise APIError(400, f"messages[{i}].role {message.role!r} is not supported; use system, developer, "
+            raise bad_request(f"messages[{i}].role {message.role!r} is not supported; use system, developer, "
                            f"user or assistant", param="messages", code="unsupported_parameter")
         for field in ("tool_calls", "tool_call_id", "function_call", "audio"):
             if getattr(message, field) is not None:
-                raise APIError(400, f"messages[{i}].{field} is not supported: this server offers no tool calling "
+                raise bad_request(f"messages[{i}].{field} is not supported: this server offers no tool calling "
                                f"or audio", param=f"messages[{i}].{field}", code="unsupported_parameter")
         content = message.content
         raw = [] if content is None else [TextPart(content)] if isinstance(content, str) else list(content)
@@ -74,12 +70,12 @@ def parse_messages(messages: list[ChatMessage]) -> Conversation:
         for j, part in enumerate(raw):
             if isinstance(part, ImagePart):
                 if role != "user":
-                    raise bad_message(f"messages[{i}].content[{j}]: only user messages can hold images")
+                    raise bad_request(f"messages[{i}].content[{j}]: only user messages can hold images", "messages")
                 parts.append(ImageRef(len(images)))
                 images.append(part.image_url.url)
             else:
                 parts.append(part.text)
         out.append(Message(role, tuple(parts)))
     if out[-1].role != "user":
-        raise bad_message("the last message must be a user message")
+        raise bad_request("the last message must be a user message", "messages")
     return Conversation(tuple(out), tuple(images))

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.chat.schemas import ChatCompletionRequest
-from app.errors import APIError
-from llm.sampling import SamplingParams
+from app.errors import bad_request
+from llm.params import InvalidParam, SamplingParams
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 
@@ -62,32 +62,30 @@ def reject_unsupported(req: ChatCompletionRequest) -> None:
     for p in UNSUPPORTED:
         value = getattr(req, p.name)
         if not p.neutral(value):
-            raise APIError(400, f"{p.name} is not supported by this server: {p.why}", param=p.name,
+            raise bad_request(f"{p.name} is not supported by this server: {p.why}", param=p.name,
                            code="unsupported_parameter")
     unknown = sorted(set(req.stream_options or {}) - set(STREAM_OPTIONS))
     if unknown:
-        raise APIError(400, f"stream_options.{unknown[0]} is not supported; supported: {', '.join(STREAM_OPTIONS)}",
+        raise bad_request(f"stream_options.{unknown[0]} is not supported; supported: {', '.join(STREAM_OPTIONS)}",
                        param=f"stream_options.{unknown[0]}", code="unsupported_parameter")
     if req.stream_options and not req.stream:
-        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
 
 
 def sampling_params(req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    """The request's sampling, its bounds checked by SamplingParams itself (a 400 naming the one out of
+    range)."""
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP_SEQUENCES:
-        raise APIError(400, f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
-    checks = [("temperature", req.temperature, lambda v: 0 <= v <= 2, "in [0, 2]"),
-              ("top_p", req.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
-              ("top_k", req.top_k, lambda v: v >= 0, ">= 0 (0 turns it off)"),
-              ("repetition_penalty", req.repetition_penalty, lambda v: 0 < v <= 10, "in (0, 10]"),
-              ("min_tokens", req.min_tokens, lambda v: 0 <= v <= max_tokens, f"in [0, max_tokens = {max_tokens}]")]
-    for name, value, ok, rule in checks:
-        if value is not None and not ok(value):
-            raise APIError(400, f"{name} must be {rule}, got {value}", param=name)
-    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature or 0.0,
-                          top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
-                          repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed, stop=tuple(stops),
-                          min_tokens=req.min_tokens or 0, ignore_eos=bool(req.ignore_eos))
+        raise bad_request(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0 if req.temperature is None else req.temperature,
+                              top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
+                              repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                              seed=req.seed, stop=tuple(stops), min_tokens=req.min_tokens or 0,
+                              ignore_eos=bool(req.ignore_eos))
+    except InvalidParam as e:
+        raise bad_request(str(e), param=e.param) from None
 
 
 def completion_budget(req: ChatCompletionRequest, prompt_tokens: int, context: int, default_max_tokens: int) -> int:
@@ -96,10 +94,10 @@ def completion_budget(req: ChatCompletionRequest, prompt_tokens: int, context: i
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if requested is not None and requested < 1:
-        raise APIError(400, f"{param} must be at least 1, got {requested}", param=param)
+        raise bad_request(f"{param} must be at least 1, got {requested}", param=param)
     max_tokens = requested if requested is not None else max(1, min(default_max_tokens, context - prompt_tokens))
     if prompt_tokens + max_tokens > context:
-        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+        raise bad_request(f"This model's maximum context length is {context} tokens. However, you requested "
                        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
                        f"completion). Please reduce the length of the messages or the completion.",
                        param=param, code="context_length_exceeded")

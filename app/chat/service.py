@@ -27,7 +27,7 @@ from app.chat.conversation import Conversation, parse_messages
 from app.chat.params import completion_budget, reject_unsupported, sampling_params
 from app.chat.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionWithTokens, Choice, ChoiceWithTokens, ChunkChoice, Delta, Usage)
-from app.errors import APIError, ErrorBody, ErrorDetail
+from app.errors import APIError, ErrorBody, ErrorDetail, bad_request
 from app.metrics import Metrics
 from app.models.families.base import PromptError
 from app.models.registry import ROUTED, ModelRegistry
@@ -36,7 +36,7 @@ from app.routing.staged import RouteDecision, StagedRouter
 from app.settings import Settings
 from llm.engine import ImageInput, RequestOutput
 from llm.loading.chat_format import CAPTION_QUESTION
-from llm.sampling import SamplingParams
+from llm.params import SamplingParams
 from llm.scheduler import PromptRejected
 from vision.stage import VisualTokensError
 
@@ -70,16 +70,16 @@ def capability_problem(model: ServedModel, conversation: Conversation, max_image
     """Why `model` cannot take the conversation (a 400 naming the limit), or None."""
     caps, n = model.capabilities, len(conversation.images)
     if n > max_images:
-        return APIError(400, f"the conversation has {n} images; this server accepts at most {max_images} "
+        return bad_request(f"the conversation has {n} images; this server accepts at most {max_images} "
                         f"(setting max_images_per_request)", param="messages", code="too_many_images")
     if n > caps.max_images:
-        return APIError(400, f"the conversation has {n} images; model {model.name!r} takes at most "
+        return bad_request(f"the conversation has {n} images; model {model.name!r} takes at most "
                         f"{caps.max_images} per conversation", param="messages", code="too_many_images")
     if n == 0 and not caps.text_only:
-        return APIError(400, f"no image in the conversation: model {model.name!r} needs one (add an image_url "
+        return bad_request(f"no image in the conversation: model {model.name!r} needs one (add an image_url "
                         f"content part with a data: URL)", param="messages", code="missing_image")
     if not caps.questions and not conversation.is_caption_request(CAPTION_QUESTION):
-        return APIError(400, f"model {model.name!r} only captions images: send one user message with one image and "
+        return bad_request(f"model {model.name!r} only captions images: send one user message with one image and "
                         f"no text (or {CAPTION_QUESTION!r})", param="messages", code="unsupported_prompt")
     return None
 
@@ -107,7 +107,7 @@ class ChatService:
             if not self.candidates(conversation):
                 problems = [str(capability_problem(m, conversation, self.settings.max_images_per_request))
                             for m in self.registry]
-                raise APIError(400, f"no served model can take this conversation: {'; '.join(problems)}",
+                raise bad_request(f"no served model can take this conversation: {'; '.join(problems)}",
                                param="messages", code="no_capable_model")
             return PreparedChat(req, conversation, None)
         problem = capability_problem(target, conversation, self.settings.max_images_per_request)
@@ -140,7 +140,7 @@ class ChatService:
         try:
             prompt = served.model.chat_prompt(conversation)
         except PromptError as e:
-            raise APIError(400, str(e), param="messages", code="unsupported_prompt") from None
+            raise bad_request(str(e), param="messages", code="unsupported_prompt") from None
         max_tokens = completion_budget(prepared.req, len(prompt), served.model.context_length,
                                        self.settings.default_max_tokens)
         params = sampling_params(prepared.req, max_tokens)
@@ -169,7 +169,7 @@ class ChatService:
         try:
             result = seen[key] = served.vision.features(source, visual_tokens, tenant)
         except VisualTokensError as e:
-            raise APIError(400, str(e), param="visual_tokens", code=e.code) from None
+            raise bad_request(str(e), param="visual_tokens", code=e.code) from None
         if self.metrics is not None:
             self.metrics.record_feature_cache(served.name, "hot", result.source == "hot")
             if result.source != "hot":
@@ -199,9 +199,9 @@ class ChatService:
                     emitted = out.completion_tokens
                 yield out
         except PromptRejected as e:
-            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+            raise bad_request(str(e), param="messages", code="context_length_exceeded") from None
         except ValueError as e:  # the family refused the images the prompt places (e.g. a template without them)
-            raise APIError(400, str(e), param="messages", code="unsupported_prompt") from None
+            raise bad_request(str(e), param="messages", code="unsupported_prompt") from None
 
     def _router_answer(self, prepared: PreparedChat, routed: Routed) -> RequestOutput:
         answer = routed.decision.answer

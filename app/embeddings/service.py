@@ -26,7 +26,7 @@ from anyio import to_thread
 from app.chat.schemas import ImagePart, TextPart
 from app.embeddings.schemas import (Classification, ClassifyRequest, Embedding, EmbeddingList, EmbeddingRequest,
                                     EmbeddingUsage, LabelScore)
-from app.errors import APIError
+from app.errors import APIError, bad_request
 from app.models.contrastive import ZeroShot, image_latent
 from app.models.registry import ROUTED, ModelRegistry
 from app.models.served import ServedModel
@@ -51,10 +51,6 @@ class _Abandoned(Exception):
     """The caller left (deadline, disconnect): nobody wants the rest of the work."""
 
 
-def _bad(message: str, param: str | None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
 class EmbeddingService:
     def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self.registry, self.settings = registry, settings
@@ -73,7 +69,7 @@ class EmbeddingService:
             target = default if default in able else (able[0] if able else default)
         if target not in able:
             offered = ", ".join(m.name for m in able) or "none"
-            raise _bad(f"model {target.name!r} has no contrastive towers, so it offers no "
+            raise bad_request(f"model {target.name!r} has no contrastive towers, so it offers no "
                        f"{capability.replace('_', '-')} ({target.family} family); models that do: {offered}",
                        "model", "unsupported_model")
         return target
@@ -81,24 +77,24 @@ class EmbeddingService:
     # -- validation --------------------------------------------------------------------------------
     def _text(self, model: ServedModel, text: str, where: str, param: str) -> TextTokens:
         if not text.strip():
-            raise _bad(f"{where} is empty", param)
+            raise bad_request(f"{where} is empty", param)
         towers = model.model.contrastive
         ids = towers.text_ids(text)
         if len(ids) > towers.text_context:
-            raise _bad(f"{where} is {len(ids)} tokens; this model's text encoder takes at most "
+            raise bad_request(f"{where} is {len(ids)} tokens; this model's text encoder takes at most "
                        f"{towers.text_context} tokens", param, "context_length_exceeded")
         return TextTokens(ids)
 
     def parse_inputs(self, model: ServedModel, req: EmbeddingRequest) -> list[TextTokens | ImageSource]:
         embed_dim = model.model.contrastive.embed_dim
         if req.dimensions is not None and req.dimensions != embed_dim:
-            raise _bad(f"dimensions {req.dimensions} is not supported: this model's embeddings have "
+            raise bad_request(f"dimensions {req.dimensions} is not supported: this model's embeddings have "
                        f"{embed_dim}", "dimensions", "unsupported_parameter")
         raw = [req.input] if isinstance(req.input, str) else req.input
         if not raw:
-            raise _bad("input must not be empty", "input")
+            raise bad_request("input must not be empty", "input")
         if len(raw) > self.settings.max_embedding_inputs:
-            raise _bad(f"input has {len(raw)} items; this server accepts at most "
+            raise bad_request(f"input has {len(raw)} items; this server accepts at most "
                        f"{self.settings.max_embedding_inputs} per request", "input")
         items: list[TextTokens | ImageSource] = []
         for i, item in enumerate(raw):
@@ -179,13 +175,13 @@ class EmbeddingService:
         """The request's labels, checked; None: the model's own set."""
         if req.labels is None:
             if not model.model.labels:
-                raise _bad("this model has no label set of its own; send labels", "labels")
+                raise bad_request("this model has no label set of its own; send labels", "labels")
             return None
         labels = list(req.labels)
         if not labels:
-            raise _bad("labels must not be empty", "labels")
+            raise bad_request("labels must not be empty", "labels")
         if len(labels) > self.settings.max_classify_labels:
-            raise _bad(f"labels has {len(labels)} items; this server accepts at most "
+            raise bad_request(f"labels has {len(labels)} items; this server accepts at most "
                        f"{self.settings.max_classify_labels}", "labels")
         prompt = model.model.contrastive.label_prompt
         for i, label in enumerate(labels):

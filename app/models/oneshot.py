@@ -9,7 +9,8 @@ from PIL import Image
 from app.chat.conversation import Conversation, ImageRef, Message
 from app.models.families.base import FamilyModel
 from llm.engine import ImageInput, tensor_digest
-from llm.generate import GenerationParams, generate_greedy
+from llm.generate import generate_greedy
+from llm.params import SamplingParams
 from llm.loading.chat_format import CAPTION_QUESTION
 
 
@@ -31,7 +32,7 @@ class OneShot:
         prompt = self.model.chat_prompt(conversation)
         inputs = [ImageInput(tensor_digest(f.tokens), f.tokens, f.attended_tokens)
                   for f in self.model.encoder.encode(images)]
-        params = GenerationParams(max_new_tokens=self.max_new_tokens, stop_ids=self.model.stop_ids)
+        params = SamplingParams(max_tokens=self.max_new_tokens, stop_token_ids=self.model.stop_ids)
         outputs = generate_greedy(self.model.decoder, inputs, [prompt] * len(images), params)
         return [self.model.tokenizer.decode(ids) for ids in outputs]
 

@@ -22,7 +22,8 @@ from app.chat.conversation import Conversation
 from app.models.capabilities import Capabilities
 from app.models.contrastive import ZeroShot
 from app.models.families.base import PromptError
-from llm.generate import GenerationParams, generate_greedy
+from llm.generate import generate_greedy
+from llm.params import SamplingParams
 from llm.loading.chat_format import CAPTION_QUESTION, CaptionOnlyFormat, ChatFormat, Turn
 from llm.loading.coca_checkpoint import CoCaCheckpoint, ModelDirError, ModelSpec, is_coca_dir, read_coca_dir
 from llm.loading.tokenizers import CoCaTokenizer
@@ -163,7 +164,7 @@ class CoCaModel:
     def complete(self, features: list[ImageFeatures], prompts: list[list[int]],
                  max_new_tokens: int = 32) -> list[Completion]:
         image_embs = torch.stack([f.tokens for f in features])
-        params = GenerationParams(max_new_tokens=max_new_tokens, stop_ids=self.stop_ids)
+        params = SamplingParams(max_tokens=max_new_tokens, stop_token_ids=self.stop_ids)
         outputs = generate_greedy(self.decoder, image_embs, prompts, params)
         results = []
         for prompt, new in zip(prompts, outputs):
