@@ -1,7 +1,7 @@
 """OpenAI's contract (tests/openai_contract.py) on real responses of the real app, on the bundled demo
 model: every object carries the fields the schema requires, with their types, and leaves out the optional
 ones it has no value for; every parameter is honoured, honoured only at its neutral values, or refused by
-name; and one request id runs end to end."""
+name; one request id runs end to end; and the official `openai` client parses every answer strictly."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 import msgspec
 import pytest
 from litestar.testing import TestClient
+from openai import BadRequestError, NotFoundError, OpenAI
 
 from app.batches.schemas import CreateBatchRequest
 from app.chat.schemas import ChatCompletionRequest, ChatMessage, ContentPart
@@ -380,3 +381,78 @@ def test_the_request_id_is_in_the_log_lines_written_for_the_request(client):
         logger.setLevel(level)
     lines = {(r.request_id, r.getMessage()) for r in capture.records}
     assert ("trace-77", "end user: 'end-user-9'") in lines and ("trace-78", "end user: 'end-user-10'") in lines
+
+
+# -- the official client ---------------------------------------------------------------------------------
+# The `openai` client, unchanged, over the test client's transport (tests/test_e2e_models.py and
+# tests/test_batches_e2e.py run it against a real server on loopback), with its strict response validation
+# on: each answer must parse as the client's own types, generated from OpenAI's schema, not merely be
+# constructed from whatever arrived.
+TRACE = {"x-request-id": "trace-client-1"}
+
+
+@pytest.fixture(scope="module")
+def openai_client(demo_runtime, tmp_path_factory):
+    settings = Settings(data_dir=tmp_path_factory.mktemp("client"))
+    with TestClient(create_app(settings, demo_runtime)) as c:
+        yield OpenAI(base_url=f"{c.base_url}/v1", api_key="unused", http_client=c, max_retries=0,
+                     _strict_response_validation=True)
+
+
+def test_the_openai_client_parses_models(openai_client):
+    [model] = openai_client.models.list().data
+    assert model.object == "model" and openai_client.models.retrieve(model.id).id == model.id
+    with pytest.raises(NotFoundError) as e:
+        openai_client.models.retrieve("gpt-9", extra_headers=TRACE)
+    assert e.value.request_id == "trace-client-1" and e.value.code == "model_not_found"
+
+
+def test_the_openai_client_parses_a_completion_and_its_stream(openai_client):
+    raw = openai_client.chat.completions.with_raw_response.create(
+        model="mmserve-demo", max_tokens=4, messages=[{"role": "user", "content": [IMAGE]}], extra_headers=TRACE)
+    assert raw.headers["x-request-id"] == "trace-client-1"
+    completion = raw.parse()
+    choice = completion.choices[0]
+    assert choice.message.refusal is None and choice.logprobs is None and choice.finish_reason == "length"
+    assert completion.usage.completion_tokens == 4
+    chunks = list(openai_client.chat.completions.create(model="mmserve-demo", max_tokens=4, stream=True,
+                                                        stream_options={"include_usage": True},
+                                                        messages=[{"role": "user", "content": [IMAGE]}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+def test_the_openai_client_reads_a_refusal_by_name(openai_client):
+    with pytest.raises(BadRequestError) as e:
+        openai_client.chat.completions.create(model="mmserve-demo", messages=[{"role": "user", "content": [IMAGE]}],
+                                              functions=[{"name": "lookup", "parameters": {}}], extra_headers=TRACE)
+    assert (e.value.code, e.value.param, e.value.request_id) == ("unsupported_parameter", "functions", "trace-client-1")
+
+
+def test_the_openai_client_parses_embeddings(openai_client):
+    # float: the client's strict validation types `embedding` as a list, so its own default (base64 on the
+    # wire, decoded after validation) cannot pass it, against any server; tests/test_embeddings.py runs that path.
+    result = openai_client.embeddings.create(model="mmserve-demo", input=["a red circle", URL],
+                                             encoding_format="float")
+    assert [d.index for d in result.data] == [0, 1] and len(result.data[0].embedding) > 1
+    assert result.usage.prompt_tokens > 0
+
+
+def test_the_openai_client_parses_files_and_batches(openai_client):
+    line = {"custom_id": "line", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "mmserve-demo", "max_tokens": 2, "messages": [{"role": "user", "content": [IMAGE]}]}}
+    lines = "\n".join(json.dumps({**line, "custom_id": f"line-{i}"}) for i in range(50)).encode()
+    uploaded = openai_client.files.create(file=("in.jsonl", lines), purpose="batch")
+    assert openai_client.files.retrieve(uploaded.id).status == "processed"
+    assert [f.id for f in openai_client.files.list().data] == [uploaded.id]
+    assert [f.id for f in openai_client.files.list(purpose="batch", order="asc", limit=5)] == [uploaded.id]
+    batch = openai_client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                         completion_window="24h", metadata={"owner": "client"})
+    assert openai_client.batches.retrieve(batch.id).metadata == {"owner": "client"}
+    assert [b.id for b in openai_client.batches.list().data] == [batch.id]
+    cancelled = openai_client.batches.cancel(batch.id)  # 50 lines take seconds: it is still running
+    assert cancelled.status in ("cancelling", "cancelled") and cancelled.cancelling_at is not None
+    with pytest.raises(BadRequestError) as e:
+        openai_client.files.create(file=("in.jsonl", json.dumps(line).encode()), purpose="batch",
+                                   expires_after={"anchor": "created_at", "seconds": 3600})
+    assert e.value.param == "expires_after"
