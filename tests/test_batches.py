@@ -175,7 +175,7 @@ def test_create_batch_validation(client):
 def test_unknown_ids_are_404_in_openai_shape(client):
     for path in ("/v1/files/file-nope", "/v1/files/file-nope/content", "/v1/batches/batch_nope"):
         r = client.get(path)
-        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", path
+        assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error", path
     assert client.post("/v1/batches/batch_nope/cancel").status_code == 404
 
 
