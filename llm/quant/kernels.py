@@ -9,16 +9,18 @@ Scales and zeros are rounded to bf16 *before* the integers are chosen, so the co
 kernels really multiply by.
 
 Kernels, chosen once per device type by trying them on a small problem (never by version):
-- int8: `aten._weight_int8pack_mm` (CPU; CUDA where the build has it), else dequantize-then-matmul.
+- int8: `aten._weight_int8pack_mm` (CPU; CUDA where the build has it), else int8 -> bf16 per call
+  then matmul (gpt-fast's form, which torch.compile fuses).
 - int4: `aten._weight_int4pack_mm_for_cpu` on weights from `_convert_weight_to_int4pack_for_cpu`
-  (CPU), `aten._weight_int4pack_mm` on weights from `_convert_weight_to_int4pack` (CUDA), else
-  dequantize-then-matmul. The packed layouts are the kernels' own, built at load, never stored.
+  (CPU), `aten._weight_int4pack_mm` on weights from `_convert_weight_to_int4pack` (CUDA), else a
+  bf16 copy dequantized once (correct anywhere, bf16's speed and size). The packed layouts are the kernels' own, built at load, never stored.
 All of them want bf16 activations: fed fp32 rows, the CPU ops run 20-300x slower (measured here).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,22 +98,33 @@ def _int8_dequant(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> tor
     return F.linear(x, q.to(x.dtype)) * scales  # gpt-fast's form: the scale applies to the output
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x bf16 [M, K] contiguous @ (q * scales).T -> bf16 [M, N]."""
-    kernel = _int8_aten if int8_backend(x.device.type) == "aten" else _int8_dequant
-    return kernel(x, q, scales)
+def int8_matmul_for(device_type: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The device's int8 product: (x bf16 [M, K] contiguous, q [N, K], scales [N]) -> bf16 [M, N]."""
+    return _int8_aten if int8_backend(device_type) == "aten" else _int8_dequant
+
+
+def _int4_dequant(x: torch.Tensor, weight: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor):
+    return F.linear(x, weight)  # `weight` was dequantized to bf16 once, at layout time
+
+
+def _int4_op(backend: str) -> Callable:
+    if backend == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu
+    return torch.ops.aten._weight_int4pack_mm if backend == "cuda" else _int4_dequant
 
 
 @dataclass(frozen=True, slots=True)
 class Int4Kernel:
     """An int4 weight laid out for one device's kernel. `backend`: "cpu" / "cuda" (the aten tinygemm
-    ops; rows padded to the kernel's multiple, `out_features` the real count) or "dequant"."""
+    ops; rows padded to the kernel's multiple, `out_features` the real count) or "dequant" (a bf16
+    copy: correct anywhere, no faster than bf16)."""
 
     backend: str
     weight: torch.Tensor
     scales_and_zeros: torch.Tensor  # [K / G, N_padded, 2] bf16 for the aten ops; unused by "dequant"
     group_size: int
     out_features: int
+    op: Callable  # (x, weight, group_size, scales_and_zeros) -> [M, N_padded]
 
     @property
     def nbytes(self) -> int:
@@ -119,12 +132,7 @@ class Int4Kernel:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x bf16 [M, K] contiguous -> bf16 [M, out_features]."""
-        if self.backend == "cpu":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, self.scales_and_zeros)
-        elif self.backend == "cuda":
-            out = torch.ops.aten._weight_int4pack_mm(x, self.weight, self.group_size, self.scales_and_zeros)
-        else:
-            return F.linear(x, self.weight.to(x.dtype))
+        out = self.op(x, self.weight, self.group_size, self.scales_and_zeros)
         return out if out.shape[1] == self.out_features else out[:, : self.out_features]
 
 
@@ -141,7 +149,7 @@ def int4_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     backend = backend or int4_backend(packed.device.type)
     if backend == "dequant":
         weight = int4_dequantize(unpack_nibbles(packed), scales, zeros).to(COMPUTE_DTYPE)
-        return Int4Kernel(backend, weight, torch.empty(0, device=packed.device), group_size, n)
+        return Int4Kernel(backend, weight, torch.empty(0, device=packed.device), group_size, n, _int4_dequant)
     pad = -n % _ROW_MULTIPLE[backend]  # padded rows: code 8 with scale 0 and zero 0 compute zeros
     if pad:
         packed = F.pad(packed, (0, 0, 0, pad), value=(INT4_MID << 4) | INT4_MID)
@@ -153,7 +161,7 @@ def int4_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     else:
         weight = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), inner_k_tiles)
     scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(COMPUTE_DTYPE)
-    return Int4Kernel(backend, weight, scales_and_zeros, group_size, n)
+    return Int4Kernel(backend, weight, scales_and_zeros, group_size, n, _int4_op(backend))
 
 
 # -- feature detection ---------------------------------------------------------------------------
@@ -189,7 +197,7 @@ def int4_backend(device_type: str) -> str:
     w, x = _probe(40, 256, device_type)  # 40 rows: the padding path is probed too
     codes, scales, zeros = int4_quantize(w, 32)
     try:
-        out = int4_kernel(pack_nibbles(codes), scales, zeros, backend=device_type).matmul(x)
+        out = int4_kernel(pack_nibbles(codes), scales, zeros, backend=device_type).matmul(x.contiguous())
         ok = _close(out, x.float() @ int4_dequantize(codes, scales, zeros).T)
     except (RuntimeError, NotImplementedError, AttributeError):
         ok = False

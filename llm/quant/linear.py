@@ -22,12 +22,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llm.quant.kernels import (COMPUTE_DTYPE, Int4Kernel, int4_kernel, int4_quantize, int8_codes, int8_matmul,
+from llm.quant.kernels import (COMPUTE_DTYPE, Int4Kernel, int4_kernel, int4_quantize, int8_codes, int8_matmul_for,
                                int8_scales, pack_nibbles)
 
 
 def _flat_bf16(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    return x.reshape(-1, in_features).to(COMPUTE_DTYPE).contiguous()
+    """[..., K] -> bf16 [M, K], contiguous (what the kernels take); a no-op for a decoder's rows."""
+    if x.dim() != 2:
+        x = x.reshape(-1, in_features)
+    if x.dtype != COMPUTE_DTYPE:
+        x = x.to(COMPUTE_DTYPE)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _shaped(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product back in x's leading shape and dtype, the bias added (in bf16). Why the tests of
+    `dim` and `dtype` before calling: each no-op call still costs ~1 us, and a decode step makes ~50."""
+    if bias is not None:
+        out = out + bias
+    if x.dim() != 2:
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if x.dtype == out.dtype else out.to(x.dtype)
 
 
 def _bias(linear: nn.Linear) -> nn.Parameter | None:
@@ -44,6 +59,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales.to(COMPUTE_DTYPE))
         self.bias = bias
+        self._matmul = None  # the device's kernel, found at the first forward (and after a move)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -63,11 +79,14 @@ class Int8Linear(nn.Module):
         """Bytes the kernel reads per call (weights and scales)."""
         return self.weight.numel() + self.scales.numel() * self.scales.element_size()
 
+    def _apply(self, fn, recurse: bool = True):
+        self._matmul = None  # .to(device) and friends: the kernel may differ there
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(_flat_bf16(x, self.in_features), self.weight, self.scales)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if self._matmul is None:
+            self._matmul = int8_matmul_for(self.weight.device.type)
+        return _shaped(self._matmul(_flat_bf16(x, self.in_features), self.weight, self.scales), x, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -106,11 +125,14 @@ class Int4Linear(nn.Module):
                    torch.zeros(groups, dtype=COMPUTE_DTYPE, device=device), b if bias else None)
 
     def kernel(self) -> Int4Kernel:
-        """The weight in the kernel layout of the module's device, built when missing or stale."""
-        k = self._kernel
-        if k is None or k.weight.device != self.qweight.device:
-            k = self._kernel = int4_kernel(self.qweight, self.scales, self.zeros)
-        return k
+        """The weight in the kernel layout of the module's device, built when missing."""
+        if self._kernel is None:
+            self._kernel = int4_kernel(self.qweight, self.scales, self.zeros)
+        return self._kernel
+
+    def _apply(self, fn, recurse: bool = True):
+        self._kernel = None  # .to(device) and friends: lay the weights out again for the new device
+        return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -122,10 +144,7 @@ class Int4Linear(nn.Module):
         return self.kernel().nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.kernel().matmul(_flat_bf16(x, self.in_features))
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return _shaped(self.kernel().matmul(_flat_bf16(x, self.in_features)), x, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
