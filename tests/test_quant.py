@@ -18,7 +18,8 @@ from llm.packed_linear import PackedLinear, pack_linears
 from llm.quant import (CalibrationBatch, Int4Linear, Int8Linear, QuantScheme, load_quantized, quantize_model,
                        quantized_bytes, save_quantized)
 from llm.quant.gptq import InputStats, gptq_quantize
-from llm.quant.kernels import int4_dequantize, int4_quantize, int8_dequantize, unpack_nibbles
+from llm.quant.kernels import int4_dequantize, int4_quantize
+from llm.quant.linear import dequantized_weight
 from llm.sampling import SamplingParams
 from tests.test_coca_oracle import SMALL_COCA, random_small_coca
 from tests.test_mllama_oracle import SMALL_VISION, TINY_TEXT, random_mllama
@@ -34,12 +35,6 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.float() - ref.float()).norm() / ref.float().norm())
 
 
-def dequantized(layer: Int8Linear | Int4Linear) -> torch.Tensor:
-    if isinstance(layer, Int8Linear):
-        return int8_dequantize(layer.weight, layer.scales)
-    return int4_dequantize(unpack_nibbles(layer.qweight), layer.scales, layer.zeros)
-
-
 # --- the kernels and the formats --------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme", SCHEMES + [QuantScheme("int4", 64), QuantScheme("int4", 128)], ids=lambda s: s.name)
@@ -48,7 +43,7 @@ def test_kernel_computes_the_product_with_the_dequantized_weight(scheme, out_fea
     torch.manual_seed(0)
     linear = nn.Linear(256, out_features)
     layer = quantize_model(nn.Sequential(linear), scheme)[0]
-    reference = dequantized(layer)
+    reference = dequantized_weight(layer)
     with torch.inference_mode():
         for x in (torch.randn(1, 256), torch.randn(16, 256), torch.randn(3, 5, 256), torch.randn(8, 512)[:, ::2]):
             xb = x.bfloat16()
@@ -63,7 +58,7 @@ def test_round_to_nearest_stays_within_half_a_step():
     torch.manual_seed(1)
     w = torch.randn(64, 256) * torch.rand(64, 1) * 3
     layer = Int8Linear.from_linear(_linear_of(w))
-    assert ((w - dequantized(layer)).abs() <= 0.5 * layer.scales.float()[:, None] * (1 + 2 ** -7)).all()
+    assert ((w - dequantized_weight(layer)).abs() <= 0.5 * layer.scales.float()[:, None] * (1 + 2 ** -7)).all()
     codes, scales, zeros = int4_quantize(w, 32)
     step = scales.float().repeat_interleave(32, 1)
     slack = 15 * 2 ** -8 * step + 2 ** -8 * zeros.float().abs().repeat_interleave(32, 1)
@@ -154,7 +149,7 @@ def test_quantized_decoder_tracks_fp32_and_the_engine_serves_it(tiny_hf, build, 
     with torch.no_grad():
         for name, linear in fp32.named_modules():
             if isinstance(linear, nn.Linear):
-                linear.weight.copy_(dequantized(quantized[name]))
+                linear.weight.copy_(dequantized_weight(quantized[name]))
     ours, ref = teacher_forced_logits(model, images, ids), teacher_forced_logits(fp32, images, ids)
     assert rel_err(ours, ref) <= 3e-2
 

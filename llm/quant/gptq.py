@@ -9,7 +9,7 @@ after its 192 -> width projector) later columns absorb most of the error.
 
 Choices: static groups (a group's scale and zero are fixed, min-max, from the already-updated weights
 when its first column comes up), no act-order (it would reorder inputs, which the kernels can't
-undo), 1% damping, lazy updates in blocks of 128 columns (a multiple of every group size, so a group
+undo), damping that grows as the calibration set shrinks (`damping`), lazy updates in blocks of 128 columns (a multiple of every group size, so a group
 never straddles two blocks). The result is the same format as round-to-nearest.
 """
 
@@ -21,7 +21,7 @@ from llm.quant.kernels import INT4_MID, int4_codes, int4_qparams, int8_codes, in
 from llm.quant.scheme import QuantScheme
 
 BLOCK = 128
-DAMP = 0.01
+DAMP = 0.01  # the paper's damping, the least `damping` applies
 
 
 class InputStats:
@@ -42,13 +42,25 @@ class InputStats:
         self.h += x.T @ x
 
 
-def _inverse_hessian_factor(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 (damped); inputs never seen (zero diagonal) get H = 1 and zero weight."""
-    h = h.clone()
+def damping(in_features: int, rows: int) -> float:
+    """How much of H's mean diagonal to add to it: K / rows, between the paper's 1% and 100%.
+
+    Why not the paper's 1% always: H from N calibration rows in K dimensions has rank <= N and noisy
+    off-diagonals, and with N ~ K (a small calibration set) GPTQ pushes rounding error into directions
+    the calibration rows happen to miss but real inputs don't. On the 126M Mllama with 1024 rows, 1%
+    made the outputs of K=2048 layers 1.8x *worse* than round-to-nearest on held-out rows; K / N
+    (shrinkage toward the mean diagonal, as covariance estimators do) made them 5-35% better, and kept
+    the cross-attention K/V projections, whose inputs really are low-rank, 9x better."""
+    return min(1.0, max(DAMP, in_features / max(rows, 1)))
+
+
+def _inverse_hessian_factor(stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of the damped H^-1; inputs never seen (zero diagonal) get H = 1, weight 0."""
+    h = stats.h.to(weight.device).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     weight[:, dead] = 0
-    h.diagonal().add_(DAMP * h.diagonal().mean())
+    h.diagonal().add_(damping(h.shape[0], stats.rows) * h.diagonal().mean())
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
@@ -58,7 +70,7 @@ def gptq_quantize(weight: torch.Tensor, stats: InputStats, scheme: QuantScheme
     (zeros None), or int4 codes 0..15 uint8 [N, K] + scales, zeros [N, K / G]."""
     w = weight.detach().float().clone()
     n, k = w.shape
-    u = _inverse_hessian_factor(stats.h.to(w.device), w)
+    u = _inverse_hessian_factor(stats, w)
     int4 = scheme.weights == "int4"
     g = scheme.group_size or k
     codes = torch.empty(n, k, dtype=torch.uint8 if int4 else torch.int8, device=w.device)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llm.quant.kernels import (COMPUTE_DTYPE, Int4Kernel, int4_kernel, int4_quantize, int8_codes, int8_matmul_for,
-                               int8_scales, pack_nibbles)
+from llm.quant.kernels import (COMPUTE_DTYPE, Int4Kernel, int4_dequantize, int4_kernel, int4_quantize, int8_codes,
+                               int8_dequantize, int8_matmul_for, int8_scales, pack_nibbles, unpack_nibbles)
 
 
 def _flat_bf16(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -149,3 +149,10 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"bias={self.bias is not None}")
+
+
+def dequantized_weight(layer: Int8Linear | Int4Linear) -> torch.Tensor:
+    """The fp32 weight [N, K] a quantized layer stands for (references, tests, simulations)."""
+    if isinstance(layer, Int8Linear):
+        return int8_dequantize(layer.weight, layer.scales)
+    return int4_dequantize(unpack_nibbles(layer.qweight), layer.scales, layer.zeros)
