@@ -25,10 +25,10 @@ from bench.models import BOS, EOS, random_pictures
 from bench.report import command_line, publish, table
 from llm.engine import Engine, EngineConfig, ImageInput
 from llm.generate import teacher_forced_logits
-from llm.packed_linear import dense_copy
+from llm.packed_linear import PackedLinear, dense_copy
 from llm.quant import CalibrationBatch, QuantScheme, quantize_model, quantized_bytes
 from llm.quant.kernels import int4_dequantize, int4_quantize, int8_codes, int8_dequantize, int8_scales
-from llm.quant.linear import dequantized_weight
+from llm.quant.linear import Int4Linear, Int8Linear, dequantized_weight
 from llm.sampling import SamplingParams
 
 MB = 1e6
@@ -37,8 +37,12 @@ MB = 1e6
 # run rarely escapes all of them; a low quantile of many steps is the uncontended step (timeit's
 # reasoning for its minimum), and every best-run figure is printed beside it.
 STEADY_QUANTILE = 0.25
-MATMUL_OPS = ("_weight_int4pack_mm", "_weight_int8pack_mm", "mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
-ATTENTION_OPS = ("scaled_dot_product", "_flash_attention")
+OP_KINDS = {  # the ops of each kind of work in a decode step, by name
+    "attention": ("scaled_dot_product", "_flash_attention"),
+    "kv write": ("index_copy",),
+    "norms": ("rms_norm", "aten::pow", "aten::mean", "aten::rsqrt"),
+    "sampling": ("argmax", "topk", "multinomial", "softmax"),
+}
 
 
 def build(decoder, name: str, calibration: list[CalibrationBatch]):
@@ -89,23 +93,49 @@ def quantile(values: list[float], q: float) -> float:
     return sorted(values)[int(q * (len(values) - 1))]
 
 
-def step_profile(model, prompt, image, steps: int = 16) -> dict:
-    """ms per decode step in the matmuls, in attention and in everything else (norms, RoPE, the runner,
-    sampling, Python), from torch's profiler (its own overhead lands in `rest`)."""
+LINEAR_TYPES = (torch.nn.Linear, PackedLinear, Int8Linear, Int4Linear)
+
+
+def step_profile(model, prompt, image, steps: int = 16, tries: int = 3) -> dict:
+    """Where a decode step's time goes, in ms. step: an unprofiled step (the fastest quartile of
+    `steps`); matmuls: the step's linear layers replayed alone on the inputs they got in a step, in
+    order (the fastest of `tries`); rest = step - matmuls: attention, norms, RoPE, sampling, the
+    runner, Python. Then each kind of op's own time under torch's profiler (by op name): the profiler
+    slows every op by a few us, so these are upper bounds, to rank the rest, not to add up."""
     from torch.profiler import profile  # noqa: PLC0415
 
-    engine = decode_engine(model, prompt, image, steps + 4)
+    engine = decode_engine(model, prompt, image, 2 * steps + 4)
     for _ in range(3):
         engine.step()
-    start = time.perf_counter()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    step = quantile(times, STEADY_QUANTILE) * 1e3
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: calls.append((m, args[0].clone())))
+             for m in model.modules() if isinstance(m, LINEAR_TYPES)]
+    engine.step()
+    for h in hooks:
+        h.remove()
+    replays = []
+    with torch.inference_mode():
+        for _ in range(tries):
+            start = time.perf_counter()
+            for m, x in calls:
+                m(x)
+            replays.append(time.perf_counter() - start)
+    matmuls = min(replays) * 1e3
     with profile() as prof:
         for _ in range(steps):
             engine.step()
-    wall = (time.perf_counter() - start) / steps * 1e3
-    events = prof.key_averages()
-    matmul = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in MATMUL_OPS)) / steps / 1e3
-    attention = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in ATTENTION_OPS)) / steps / 1e3
-    return {"step_ms": wall, "matmul_ms": matmul, "attention_ms": attention, "rest_ms": wall - matmul - attention}
+    kinds = {f"{kind} (profiled)": 0.0 for kind in OP_KINDS}
+    for e in prof.key_averages():
+        kind = next((k for k, names in OP_KINDS.items() if any(n in e.key for n in names)), None)
+        if kind:
+            kinds[f"{kind} (profiled)"] += e.self_cpu_time_total / steps / 1e3
+    return {"step": step, "matmuls (replayed)": matmuls, "rest": step - matmuls, "linear calls": len(calls), **kinds}
 
 
 # -- quality ----------------------------------------------------------------------------------------
@@ -248,8 +278,10 @@ def main() -> None:
            f"guess over 32000 tokens: 3.1e-05); near-ties make top-1 agreement fragile here. GPTQ calibrated on "
            f"{cal_ids.numel()} other tokens and images; seconds to build each model: "
            f"{ {n: round(s, 1) for n, s in build_s.items()} }."),
-        ("Where a decode step's time goes (ms per step, profiled)", table(
-            [{"scheme": n, **{k: round(v, 2) for k, v in p.items()}} for n, p in profiles.items()])),
+        ("Where a decode step's time goes (ms per step)", table(
+            [{"scheme": n, **{k: round(v, 2) for k, v in p.items()}} for n, p in profiles.items()])
+         + "\n\n" + " ".join(step_profile.__doc__.split()).replace("`", "") + f" Best quartile of 16 steps, "
+           f"{args.threads} thread(s)."),
         ("Embedding table quantized (simulated): quality cost", table(embeddings, ["embedding table", "top1", "kl"])
          + "\n\nDecoding reads one row of the table per token: quantizing it would save RAM, not time."),
     ]
