@@ -13,8 +13,8 @@ State dict (what a checkpoint stores, the same on every device; the scheme is im
     Int8Linear: weight int8 [N, K], scales bf16 [N], (bias)
     Int4Linear: qweight uint8 [N, K / 2] (two codes a byte), scales, zeros bf16 [N, K / G], (bias)
 Int4Linear also keeps its weight in its device's kernel layout (llm/quant/kernels.py), built from the
-stored form on the first forward on a device (and again if the module moves): in RAM both copies,
-0.5 byte per weight each; per token the kernel reads only its own.
+stored form when the model is quantized or loaded (or, after a move to another device, at the next
+forward): in RAM both copies, 0.5 byte per weight each; per token the kernel reads only its own.
 """
 
 from __future__ import annotations
