@@ -37,15 +37,22 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 # --- the kernels and the formats --------------------------------------------------------------------
 
+# CUDA's kernels (tinygemm, and int8 where the build has one) are chosen the same way; this machine has
+# no GPU, so that case runs only where one is.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", SCHEMES + [QuantScheme("int4", 64), QuantScheme("int4", 128)], ids=lambda s: s.name)
 @pytest.mark.parametrize("out_features", [256, 120], ids=["rows-x16", "padded-rows"])
-def test_kernel_computes_the_product_with_the_dequantized_weight(scheme, out_features):
+def test_kernel_computes_the_product_with_the_dequantized_weight(scheme, out_features, device):
     torch.manual_seed(0)
     linear = nn.Linear(256, out_features)
-    layer = quantize_model(nn.Sequential(linear), scheme)[0]
+    layer = quantize_model(nn.Sequential(linear), scheme)[0].to(device)  # moved: laid out again there
     reference = dequantized_weight(layer)
     with torch.inference_mode():
         for x in (torch.randn(1, 256), torch.randn(16, 256), torch.randn(3, 5, 256), torch.randn(8, 512)[:, ::2]):
+            x = x.to(device)
             xb = x.bfloat16()
             want = xb.float() @ reference.T + layer.bias.float()
             assert layer(xb).dtype == torch.bfloat16 and layer(x).dtype == torch.float32  # the input's dtype

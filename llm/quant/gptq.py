@@ -47,10 +47,11 @@ def damping(in_features: int, rows: int) -> float:
 
     Why not the paper's 1% always: H from N calibration rows in K dimensions has rank <= N and noisy
     off-diagonals, and with N ~ K (a small calibration set) GPTQ pushes rounding error into directions
-    the calibration rows happen to miss but real inputs don't. On the 126M Mllama with 1024 rows, 1%
-    made the outputs of K=2048 layers 1.8x *worse* than round-to-nearest on held-out rows; K / N
-    (shrinkage toward the mean diagonal, as covariance estimators do) made them 5-35% better, and kept
-    the cross-attention K/V projections, whose inputs really are low-rank, 9x better."""
+    the calibration rows happen to miss but real inputs don't. On the 126M Mllama (int4, group 32,
+    calibrated on 1024 rows, output error on 1024 held-out rows): 1% made the MLP's down projection
+    (K=2048) 1.8x *worse* than round-to-nearest; K / N (shrinkage toward the mean diagonal, as covariance
+    estimators do) made it, qkv and the lm_head 4%, 15% and 31% better, and kept the cross-attention
+    K/V projections, whose inputs really are low-rank, 8x better (25x at 1%)."""
     return min(1.0, max(DAMP, in_features / max(rows, 1)))
 
 
