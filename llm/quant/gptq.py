@@ -51,27 +51,28 @@ def damping(in_features: int, rows: int) -> float:
     calibrated on 1024 rows, output error on 1024 held-out rows): 1% made the MLP's down projection
     (K=2048) 1.8x *worse* than round-to-nearest; K / N (shrinkage toward the mean diagonal, as covariance
     estimators do) made it, qkv and the lm_head 4%, 15% and 31% better, and kept the cross-attention
-    K/V projections, whose inputs really are low-rank, 8x better (25x at 1%)."""
+    K/V projections, whose inputs really are low-rank, 8x better (23x at 1%): `python -m bench.quant_kernels`."""
     return min(1.0, max(DAMP, in_features / max(rows, 1)))
 
 
-def _inverse_hessian_factor(stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
+def _inverse_hessian_factor(stats: InputStats, weight: torch.Tensor, damp: float | None) -> torch.Tensor:
     """Upper Cholesky factor of the damped H^-1; inputs never seen (zero diagonal) get H = 1, weight 0."""
     h = stats.h.to(weight.device).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     weight[:, dead] = 0
-    h.diagonal().add_(damping(h.shape[0], stats.rows) * h.diagonal().mean())
+    h.diagonal().add_((damping(h.shape[0], stats.rows) if damp is None else damp) * h.diagonal().mean())
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
-def gptq_quantize(weight: torch.Tensor, stats: InputStats, scheme: QuantScheme
+def gptq_quantize(weight: torch.Tensor, stats: InputStats, scheme: QuantScheme, damp: float | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """weight [N, K] -> (codes, scales, zeros) in `scheme`'s format: int8 codes [N, K] + scales [N]
-    (zeros None), or int4 codes 0..15 uint8 [N, K] + scales, zeros [N, K / G]."""
+    (zeros None), or int4 codes 0..15 uint8 [N, K] + scales, zeros [N, K / G]. `damp`: a fraction of
+    H's mean diagonal to add in place of `damping`'s (studies)."""
     w = weight.detach().float().clone()
     n, k = w.shape
-    u = _inverse_hessian_factor(stats, w)
+    u = _inverse_hessian_factor(stats, w, damp)
     int4 = scheme.weights == "int4"
     g = scheme.group_size or k
     codes = torch.empty(n, k, dtype=torch.uint8 if int4 else torch.int8, device=w.device)
