@@ -214,7 +214,8 @@ def damping_study(decoder, calibration: CalibrationBatch, held_out: CalibrationB
         rtn = error(int4_dequantize(*int4_quantize(w, 32)))
         row = {"layer": name, "K": w.shape[1], "calibration rows": stats.rows}
         for label, damp in (("1%", DAMP), ("K / rows", damping(w.shape[1], stats.rows))):
-            row[f"GPTQ / RTN error, damping {label}"] = error(int4_dequantize(*gptq_quantize(w, stats, scheme, damp))) / rtn
+            gptq = int4_dequantize(*gptq_quantize(w, stats, scheme, damp))
+            row[f"GPTQ / RTN error, damping {label}"] = error(gptq) / rtn
         rows.append(row)
     return rows
 
@@ -296,7 +297,8 @@ def main() -> None:
                "w8a16_top1": round(w8["top1"], 4), "w4a16_g32_top1": round(w4["top1"], 4),
                "w8a16_top1_decided_half": round(w8["top1 decided half"], 4),
                "bf16_top1": round(rows["bf16"]["top1"], 4), "w8a16_top1_vs_bf16": round(w8["top1 vs bf16"], 4),
-               "w8a16_weights_fp32_activations_top1": round(rows["W8A16 weights, fp32 activations (simulated)"]["top1"], 4),
+               "w8a16_weights_fp32_activations_top1":
+                   round(rows["W8A16 weights, fp32 activations (simulated)"]["top1"], 4),
                "targets_met": {"w4a16_3x": rows[best_w4]["vs fp32"] >= 3, "w8a16_2x": w8["vs fp32"] >= 2,
                                "w8a16_top1_98": w8["top1"] >= 0.98},
                "gptq_kl_ratio": {g: round(v["kl_gptq"] / v["kl_rtn"], 3) for g, v in gptq_gain.items()},
@@ -307,11 +309,13 @@ def main() -> None:
         ("Single-stream decode and quality vs fp32 (126M Mllama, random weights)", table(list(rows.values()), columns)
          + f"\n\nDecode: prompt of {len(prompt)} tokens and one image, {new_tokens} new tokens, {repeats} "
            f"interleaved runs per scheme, {args.threads} thread(s); tok/s = 1 / the 25th percentile of all "
-           f"{repeats * new_tokens} step times (STEADY_QUANTILE), best run = the fastest run's mean; tokens/s of every run: "
+           f"{repeats * new_tokens} step times (STEADY_QUANTILE), best run = the fastest run's mean; "
+           f"tokens/s of every run: "
            f"{ {n: [round(x, 1) for x in r] for n, r in runs.items()} }. Quality: {rows['fp32']['positions']} "
            f"teacher-forced positions (8 rows x 128 tokens of random text under real image tokens); top1 = "
            f"greedy agreement with fp32 (decided half: over the 512 positions where fp32's two best logits lie "
-           f"furthest apart; top1 vs bf16: agreement with the bf16 model), kl = mean KL(fp32 || scheme) in nats. How decided the random "
+           f"furthest apart; top1 vs bf16: agreement with the bf16 model), kl = mean KL(fp32 || scheme) in nats. "
+           f"How decided the random "
            f"model is at those positions: {', '.join(f'{k} {v:.3g}' for k, v in decided.items())} (a uniform "
            f"guess over 32000 tokens: 3.1e-05); near-ties make top-1 agreement fragile here. GPTQ calibrated on "
            f"{cal_ids.numel()} other tokens and images; seconds to build each model: "

@@ -9,8 +9,9 @@ after its 192 -> width projector) later columns absorb most of the error.
 
 Choices: static groups (a group's scale and zero are fixed, min-max, from the already-updated weights
 when its first column comes up), no act-order (it would reorder inputs, which the kernels can't
-undo), damping that grows as the calibration set shrinks (`damping`), lazy updates in blocks of 128 columns (a multiple of every group size, so a group
-never straddles two blocks). The result is the same format as round-to-nearest.
+undo), damping that grows as the calibration set shrinks (`damping`), lazy updates in blocks of 128
+columns (a multiple of every group size, so a group never straddles two blocks). The result is the
+same format as round-to-nearest.
 """
 
 from __future__ import annotations

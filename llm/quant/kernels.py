@@ -13,7 +13,8 @@ Kernels, chosen once per device type by trying them on a small problem (never by
   then matmul (gpt-fast's form, which torch.compile fuses).
 - int4: `aten._weight_int4pack_mm_for_cpu` on weights from `_convert_weight_to_int4pack_for_cpu`
   (CPU), `aten._weight_int4pack_mm` on weights from `_convert_weight_to_int4pack` (CUDA), else a
-  bf16 copy dequantized once (correct anywhere, bf16's speed and size). The packed layouts are the kernels' own, built at load, never stored.
+  bf16 copy dequantized once (correct anywhere, bf16's speed and size). The packed layouts are the
+  kernels' own, built at load, never stored.
 All of them want bf16 activations: fed fp32 rows, the CPU ops run 20-300x slower (measured here).
 """
 
