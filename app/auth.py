@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import threading
 import time
@@ -32,6 +33,7 @@ from app.request_id import request_id_of
 from app.metrics import Metrics
 from app.settings import Settings
 
+log = logging.getLogger("mmserve")
 API_KEY_STATE = "mmserve_api_key"  # where the middleware leaves the caller's key in the scope state
 PROTECTED_PREFIX = "/v1/"
 SECONDS_PER_DAY = 86_400
@@ -52,6 +54,14 @@ def load_api_keys(settings: Settings) -> frozenset[str]:
 def api_key_of(request: Request) -> str | None:
     """The key the request was let in with; None when keys are off."""
     return request.scope.get("state", {}).get(API_KEY_STATE)
+
+
+def log_end_user(*names: str | None) -> None:
+    """OpenAI's `user` and `safety_identifier`: the client's name for its end user, there for abuse
+    monitoring. Here the operator monitors, so the request's log line names it (with the request id)."""
+    given = [name for name in names if name]
+    if given:
+        log.info("end user: %s", " / ".join(repr(name) for name in given))
 
 
 def tenant_of(key: str | None) -> str | None:

@@ -75,22 +75,23 @@ def _context_error(request: Request, exc: PromptRejected) -> Response:
     return error_response(request, 400, str(exc), "invalid_request_error", "messages", "context_length_exceeded")
 
 
-UNKNOWN_FIELD = re.compile(r"Object contains unknown field `([^`]+)`(?: - at `\$\.?([^`]*)`)?")
+UNKNOWN_FIELD = re.compile(r"Object contains unknown field `([^`]+)`")
+BODY_ROOT = "data"  # litestar's `key` for an error at the top of the request body
 
 
 def _validation_error(request: Request, exc: ValidationException) -> Response:
-    detail = exc.detail
     extra = exc.extra if isinstance(exc.extra, list) else []
-    messages = [f"{e.get('message')} at {e.get('key')}" if isinstance(e, dict) and e.get("key") else
-                str(e.get("message") if isinstance(e, dict) else e) for e in extra]
-    message = "; ".join(messages) or detail
-    unknown = UNKNOWN_FIELD.search(message)
-    if unknown:  # a parameter nobody documents: refused by name, never ignored
-        where = f"{unknown.group(2)}.{unknown.group(1)}" if unknown.group(2) else unknown.group(1)
-        return error_response(request, 400, f"unknown parameter: {where} is not part of this API",
-                              "invalid_request_error", where, "unsupported_parameter")
-    return error_response(request, 400, f"invalid request body: {message}", "invalid_request_error", None,
-                          "invalid_body")
+    entries = [e if isinstance(e, dict) else {"message": str(e)} for e in extra]
+    for entry in entries:
+        unknown = UNKNOWN_FIELD.search(str(entry.get("message", "")))
+        if unknown:  # a parameter nobody documents: refused by name, never ignored
+            key = entry.get("key")
+            where = unknown.group(1) if key in (None, "", BODY_ROOT) else f"{key}.{unknown.group(1)}"
+            return error_response(request, 400, f"unknown parameter: {where} is not part of this API",
+                                  "invalid_request_error", where, "unsupported_parameter")
+    messages = [f"{e.get('message')} at {e['key']}" if e.get("key") else str(e.get("message")) for e in entries]
+    return error_response(request, 400, f"invalid request body: {'; '.join(messages) or exc.detail}",
+                          "invalid_request_error", None, "invalid_body")
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:

@@ -111,6 +111,7 @@ def configure_logging() -> None:
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
     log.addHandler(handler)
+    log.setLevel(logging.INFO)  # the end user a request names is an INFO line (app/auth.py)
     log.propagate = False
 
 

@@ -2,7 +2,8 @@
 returned on every response (`x-request-id`), in error bodies (`request_id`) and in every log line
 written while the request runs (a context variable the `mmserve` logger's filter reads).
 
-Outermost middleware, so even a 401, a 404 path or a 413 carries it."""
+It wraps litestar's whole handler (app/server.py), outside the router and every middleware, so even a
+401, a 404 path, a 405 method or a 413 carries it."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ current: contextvars.ContextVar[str] = contextvars.ContextVar("mmserve_request_i
 
 def request_id_of(scope: Scope) -> str | None:
     return scope.get("state", {}).get(STATE_KEY)
+
+
+def current_id() -> str | None:
+    """The id of the request this code runs for (None outside one: a batch line, a warm-up)."""
+    value = current.get()
+    return None if value == "-" else value
 
 
 class RequestIdFilter(logging.Filter):

@@ -114,7 +114,7 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     def provide_batches(state: State) -> BatchService:
         return state.batches
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[ChatController, HealthController, ModelsController, EmbeddingsController, ClassifyController,
                         MetricsController, files_router(settings), BatchesController],
         dependencies={
@@ -128,10 +128,8 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
         },
         lifespan=[lifespan],
         state=State({"metrics": metrics, "readiness": readiness, "registry": registry}),
-        # Outermost first: every response gets its request id, metrics see every answer, the key is
-        # checked before a request takes a slot.
-        middleware=[DefineMiddleware(RequestIdMiddleware),
-                    DefineMiddleware(MetricsMiddleware, metrics=metrics),
+        # Outermost first: metrics see every answer, the key is checked before a request takes a slot.
+        middleware=[DefineMiddleware(MetricsMiddleware, metrics=metrics),
                     DefineMiddleware(AuthMiddleware, access=access, metrics=metrics),
                     DefineMiddleware(AdmissionMiddleware, admission=admission, metrics=metrics,
                                      retry_after_s=settings.overload_retry_after_s)],
@@ -139,3 +137,7 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="mmserve", version="0.1.0"),
     )
+    # The request id wraps litestar's own handler (router and exception handling), not the routes: a
+    # path or method no route serves (404, 405) gets its id too, in the header and the error body.
+    app.asgi_handler = RequestIdMiddleware(app.asgi_handler)
+    return app

@@ -95,7 +95,7 @@ BAD_EMBEDDINGS = [
     ("too many", {"input": ["a"] * 9}, 400, None, "9 items; this server accepts at most 8"),
     ("too long", {"input": " ".join(["red"] * 80)}, 400, "context_length_exceeded", "82 tokens; this model's text encoder takes at most 64"),
     ("dimensions", {"input": "a", "dimensions": 32}, 400, "unsupported_parameter", "have 64"),
-    ("token ids", {"input": [[1, 2, 3]]}, 400, "invalid_body", "input"),
+    ("token ids", {"input": [[1, 2, 3]]}, 400, "unsupported_parameter", "input[0] is token ids"),
     ("bad base64", {"input": ["data:image/png;base64,@@@@"]}, 400, "bad_image_encoding", "input[0]"),
     ("not an image", {"input": ["data:image/png;base64," + "QUJD" * 10]}, 400, None, "input[0]"),
     ("remote url", {"input": [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/a.png"}}]},

@@ -24,16 +24,26 @@ class FileObject(msgspec.Struct):
     filename: str
     purpose: Literal["batch", "batch_output"]
     object: str = "file"
-    status: str = "processed"
-    expires_at: int | None = None
-    status_details: str | None = None
+    status: str = "processed"  # required (and deprecated) in OpenAI's schema; a stored file is processed
+    # OpenAI's optional expires_at and status_details are left out: files here never expire, and a file
+    # that fails validation is refused at upload, never stored.
 
 
-class CreateBatchRequest(msgspec.Struct):
+class FileList(msgspec.Struct):
+    data: list[FileObject]
+    # Required strings in OpenAI's schema, but an empty page has no ids: null then (tests/openai_contract.py).
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+    object: str = "list"
+
+
+class CreateBatchRequest(msgspec.Struct, forbid_unknown_fields=True):
     input_file_id: str
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
+    output_expires_after: dict | None = None  # refused: output files here never expire
 
 
 class RequestCounts(msgspec.Struct):
@@ -54,15 +64,18 @@ class BatchErrors(msgspec.Struct):
     object: str = "list"
 
 
-class Batch(msgspec.Struct):
+class Batch(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """An optional field with no value is left out, never sent as null: OpenAI's schema types each as a
+    plain integer, string or object. The required ones have no default, so omit_defaults never drops them."""
+
     id: str
+    object: str
     endpoint: str
     input_file_id: str
     completion_window: str
     status: BatchStatus
     created_at: int
     request_counts: RequestCounts
-    object: str = "batch"
     errors: BatchErrors | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
@@ -77,12 +90,12 @@ class Batch(msgspec.Struct):
     metadata: dict[str, str] | None = None
 
 
-class BatchList(msgspec.Struct):
+class BatchList(msgspec.Struct, kw_only=True, omit_defaults=True):
+    object: str
     data: list[Batch]
-    first_id: str | None
-    last_id: str | None
     has_more: bool
-    object: str = "list"
+    first_id: str | None = None  # optional in OpenAI's schema: left out of an empty page
+    last_id: str | None = None
 
 
 class InputLine(msgspec.Struct):

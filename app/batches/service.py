@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from app.batches.input_file import InputFileError, parse_input_file
-from app.batches.schemas import (CHAT_ENDPOINT, COMPLETION_WINDOW, Batch, BatchList, CreateBatchRequest,
+from app.batches.schemas import (CHAT_ENDPOINT, COMPLETION_WINDOW, Batch, BatchList, CreateBatchRequest, FileList,
                                  FileObject)
 from app.batches.store import BatchStore
 from app.batches.worker import BatchWorker, ChatCompleter
@@ -25,6 +25,7 @@ from app.settings import Settings
 log = logging.getLogger("mmserve")
 T = TypeVar("T")
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's metadata rules
+MAX_FILES_PAGE = 10_000  # OpenAI's limit (and default) for GET /v1/files
 
 
 def _not_found(what: str, ident: str, param: str | None = None) -> APIError:
@@ -96,6 +97,14 @@ class BatchService:
             raise _not_found("file", file_id)
         return file
 
+    async def list_files(self, purpose: str | None, limit: int, order: str, after: str | None) -> FileList:
+        if not 1 <= limit <= MAX_FILES_PAGE:
+            raise bad_request(f"limit must be in 1..{MAX_FILES_PAGE}, got {limit}", "limit")
+        if order not in ("asc", "desc"):
+            raise bad_request(f"order must be 'asc' or 'desc', got {order!r}", "order")
+        page, has_more = await self._off_loop(self._store().list_files, purpose, limit, order, after)
+        return FileList(page, page[0].id if page else None, page[-1].id if page else None, has_more)
+
     async def file_content(self, file_id: str) -> bytes:
         content = await self._off_loop(self._store().file_content, file_id)
         if content is None:
@@ -111,6 +120,9 @@ class BatchService:
         if request.completion_window != COMPLETION_WINDOW:
             raise bad_request(f"completion_window must be {COMPLETION_WINDOW!r}, got {request.completion_window!r}",
                        "completion_window")
+        if request.output_expires_after is not None:
+            raise bad_request("output_expires_after is not supported: output and error files here never expire",
+                       "output_expires_after", "unsupported_parameter")
         _check_metadata(request.metadata)
         file = await self._off_loop(store.get_file, request.input_file_id)
         if file is None:
@@ -132,7 +144,8 @@ class BatchService:
         if not 1 <= limit <= 100:
             raise bad_request(f"limit must be in 1..100, got {limit}", "limit")
         page, has_more = await self._off_loop(self._store().list_batches, limit, after)
-        return BatchList(page, page[0].id if page else None, page[-1].id if page else None, has_more)
+        return BatchList(object="list", data=page, has_more=has_more, first_id=page[0].id if page else None,
+                         last_id=page[-1].id if page else None)
 
     async def cancel(self, batch_id: str) -> Batch:
         batch = await self._off_loop(self._store().request_cancel, batch_id)

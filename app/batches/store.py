@@ -96,6 +96,22 @@ class BatchStore:
                                 (file_id,)).fetchone()
         return FileObject(*row) if row else None
 
+    def list_files(self, purpose: str | None, limit: int, order: str, after: str | None) -> tuple[list[FileObject], bool]:
+        """Oldest or newest first (`order` "asc" or "desc": upload order, which is created_at's); `after`
+        is the last id of the previous page. Returns (page, has_more)."""
+        compare, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
+        where, args = ["1"], []
+        if purpose is not None:
+            where.append("purpose = ?")
+            args.append(purpose)
+        if after is not None:
+            where.append(f"rowid {compare} (SELECT rowid FROM files WHERE id = ?)")
+            args.append(after)
+        rows = self.conn.execute(f"SELECT id, bytes, created_at, filename, purpose FROM files WHERE "
+                                 f"{' AND '.join(where)} ORDER BY rowid {direction} LIMIT ?",
+                                 (*args, limit + 1)).fetchall()
+        return [FileObject(*row) for row in rows[:limit]], len(rows) > limit
+
     def file_content(self, file_id: str) -> bytes | None:
         row = self.conn.execute("SELECT content FROM files WHERE id = ?", (file_id,)).fetchone()
         return bytes(row[0]) if row else None
@@ -214,7 +230,7 @@ def _batch(row: sqlite3.Row) -> Batch:
     errors = msgspec.json.decode(row["errors"], type=BatchErrors) if row["errors"] else None
     metadata = msgspec.json.decode(row["metadata"]) if row["metadata"] else None
     return Batch(
-        id=row["id"], endpoint=row["endpoint"], input_file_id=row["input_file_id"],
+        id=row["id"], object="batch", endpoint=row["endpoint"], input_file_id=row["input_file_id"],
         completion_window=row["completion_window"], status=row["status"], created_at=row["created_at"],
         request_counts=RequestCounts(row["total"], row["completed"], row["failed"]), errors=errors,
         output_file_id=row["output_file_id"], error_file_id=row["error_file_id"],

@@ -9,7 +9,7 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import Stream
 
-from app.auth import KeyAccess, api_key_of, tenant_of
+from app.auth import KeyAccess, api_key_of, log_end_user, tenant_of
 from app.chat.schemas import ChatCompletion, ChatCompletionRequest
 from app.chat.service import ChatService, Routed
 from app.metrics import set_request_model
@@ -39,6 +39,7 @@ class ChatController(Controller):
         key = api_key_of(request)
         tenant = tenant_of(key)
         set_request_model(request.scope, chat.metrics_label(data.model))
+        log_end_user(data.user, data.safety_identifier)
 
         def charge(tokens: int) -> None:
             access.charge(key, tokens)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.chat.schemas import ChatMessage, ImagePart, TextPart
-from app.errors import bad_request
+from app.chat.schemas import AudioPart, ChatMessage, FilePart, ImagePart, RefusalPart, TextPart
+from app.errors import APIError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -49,33 +49,61 @@ class Conversation:
                 and turns[0].text.lower() in ("", caption_question.lower()))
 
 
+def bad_message(message: str, code: str | None = None) -> APIError:
+    return APIError(400, message, param="messages", code=code)
+
+
+def unsupported(param: str, why: str) -> APIError:
+    return APIError(400, f"{param} is not supported: {why}", param=param, code="unsupported_parameter")
+
+
+# What a message may carry in OpenAI's API and the models here cannot take: any non-null value is a 400.
+UNSUPPORTED_FIELDS = {
+    "tool_calls": "this server offers no tool calling",
+    "tool_call_id": "this server offers no tool calling",
+    "function_call": "this server offers no tool calling",
+    "audio": "this server offers no audio",
+    "refusal": "the models here never refuse in words, so an earlier reply's refusal can only be null",
+}
+UNSUPPORTED_PARTS = {
+    AudioPart: "'input_audio' parts: the models here read text and images",
+    FilePart: "'file' parts: the models here read text and images",
+    RefusalPart: "'refusal' parts: the models here never refuse in words",
+}
+
+
 def parse_messages(messages: list[ChatMessage]) -> Conversation:
     """Roles, parts and order checked; which model can take it is the caller's question."""
     if not messages:
-        raise bad_request("messages must not be empty", "messages")
+        raise bad_message("messages must not be empty")
     out: list[Message] = []
     images: list[str] = []
     for i, message in enumerate(messages):
         role = ROLES.get(message.role)
         if role is None:
-            raise bad_request(f"messages[{i}].role {message.role!r} is not supported; use system, developer, "
-                           f"user or assistant", param="messages", code="unsupported_parameter")
-        for field in ("tool_calls", "tool_call_id", "function_call", "audio"):
+            raise APIError(400, f"messages[{i}].role {message.role!r} is not supported; use system, developer, "
+                           f"user or assistant", param=f"messages[{i}].role", code="unsupported_parameter")
+        for field, why in UNSUPPORTED_FIELDS.items():
             if getattr(message, field) is not None:
-                raise bad_request(f"messages[{i}].{field} is not supported: this server offers no tool calling "
-                               f"or audio", param=f"messages[{i}].{field}", code="unsupported_parameter")
+                raise unsupported(f"messages[{i}].{field}", why)
         content = message.content
         raw = [] if content is None else [TextPart(content)] if isinstance(content, str) else list(content)
         parts: list[str | ImageRef] = []
         for j, part in enumerate(raw):
+            where = f"messages[{i}].content[{j}]"
             if isinstance(part, ImagePart):
                 if role != "user":
-                    raise bad_request(f"messages[{i}].content[{j}]: only user messages can hold images", "messages")
+                    raise bad_message(f"{where}: only user messages can hold images")
+                if part.image_url.detail not in (None, "auto"):
+                    raise unsupported(f"{where}.image_url.detail", "the image's detail level is not offered; "
+                                      "the request's visual_tokens sets how many tokens an image gets")
                 parts.append(ImageRef(len(images)))
                 images.append(part.image_url.url)
-            else:
+            elif isinstance(part, TextPart):
                 parts.append(part.text)
+            else:
+                raise unsupported(f"{where}.type", UNSUPPORTED_PARTS[type(part)])
         out.append(Message(role, tuple(parts)))
     if out[-1].role != "user":
-        raise bad_request("the last message must be a user message", "messages")
+        raise bad_message("the last message must be a user message")
     return Conversation(tuple(out), tuple(images))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.chat.schemas import ChatCompletionRequest
-from app.errors import bad_request
+from app.errors import APIError, bad_request
 from llm.params import InvalidParam, SamplingParams
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -35,7 +35,7 @@ UNSUPPORTED = (
     Unsupported("frequency_penalty", lambda v: v in (None, 0), "use repetition_penalty (e.g. 1.1) instead"),
     Unsupported("presence_penalty", lambda v: v in (None, 0), "use repetition_penalty (e.g. 1.1) instead"),
     Unsupported("logprobs", lambda v: v in (None, False), "logprobs are not offered"),
-    Unsupported("top_logprobs", _none, "logprobs are not offered"),
+    Unsupported("top_logprobs", lambda v: v in (None, 0), "logprobs are not offered"),
     Unsupported("logit_bias", lambda v: not v, "logit_bias is not offered"),
     Unsupported("modalities", lambda v: v is None or list(v) == ["text"], "only text output is offered"),
     Unsupported("audio", _none, "audio output is not offered"),
@@ -44,18 +44,25 @@ UNSUPPORTED = (
     Unsupported("service_tier", lambda v: v in (None, "auto", "default"), "one service tier is offered"),
     Unsupported("tools", lambda v: not v, "tool calling is not offered"),
     Unsupported("tool_choice", lambda v: v in (None, "none"), "tool calling is not offered"),
-    Unsupported("parallel_tool_calls", _none, "tool calling is not offered"),
-    Unsupported("functions", lambda v: not v, "tool calling is not offered (functions is deprecated: use tools)"),
+    Unsupported("functions", _none, "tool calling is not offered (functions is deprecated: use tools)"),
     Unsupported("function_call", lambda v: v in (None, "none"),
                 "tool calling is not offered (function_call is deprecated: use tool_choice)"),
     Unsupported("response_format", lambda v: v is None or v.get("type") == "text", "only text output is offered"),
     Unsupported("prediction", _none, "predicted outputs are not offered"),
-    Unsupported("reasoning_effort", _none, "the models served here do not reason in steps"),
-    Unsupported("verbosity", _none, "verbosity is not offered"),
+    # "none" asks for no reasoning, which is what the models here do.
+    Unsupported("reasoning_effort", lambda v: v in (None, "none"), "the models served here do not reason in steps"),
+    Unsupported("verbosity", lambda v: v in (None, "medium"), "the models served here have one verbosity"),
     Unsupported("web_search_options", _none, "web search is not offered"),
     Unsupported("prompt_cache_key", _none, "prompt caching is automatic here (by prefix), with no key"),
+    # The prefix cache lives in memory, for as long as its blocks are not needed: no retention is promised.
+    Unsupported("prompt_cache_retention", lambda v: v in (None, "in_memory", "in-memory"),
+                "cached prefixes live in memory only, with no promised retention"),
+    Unsupported("prompt_cache_options", lambda v: not v or v == {"mode": "implicit"},
+                "prompt caching is automatic here (by prefix), with no breakpoints or promised lifetime"),
+    Unsupported("moderation", _none, "moderation is not offered"),
 )
-STREAM_OPTIONS = ("include_usage",)
+# parallel_tool_calls is honoured, whatever its value: no tool is ever called, so none is called in parallel.
+STREAM_OPTIONS = ("include_usage", "include_obfuscation")
 
 
 def reject_unsupported(req: ChatCompletionRequest) -> None:
@@ -64,10 +71,14 @@ def reject_unsupported(req: ChatCompletionRequest) -> None:
         if not p.neutral(value):
             raise bad_request(f"{p.name} is not supported by this server: {p.why}", param=p.name,
                            code="unsupported_parameter")
-    unknown = sorted(set(req.stream_options or {}) - set(STREAM_OPTIONS))
+    options = req.stream_options or {}
+    unknown = sorted(set(options) - set(STREAM_OPTIONS))
     if unknown:
         raise bad_request(f"stream_options.{unknown[0]} is not supported; supported: {', '.join(STREAM_OPTIONS)}",
                        param=f"stream_options.{unknown[0]}", code="unsupported_parameter")
+    if options.get("include_obfuscation"):
+        raise APIError(400, "stream_options.include_obfuscation is not supported: stream chunks carry no "
+                       "obfuscation field", param="stream_options.include_obfuscation", code="unsupported_parameter")
     if req.stream_options and not req.stream:
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
 

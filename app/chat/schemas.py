@@ -3,7 +3,9 @@
 Requests: every parameter OpenAI documents is a field, so that one this server does not honour gets a
 400 naming it (app/chat/params.py), and a field OpenAI does not document is refused by msgspec
 (`forbid_unknown_fields`) rather than ignored. Responses carry every field OpenAI's schema marks
-required, null where it allows null (`message.refusal`, `choices[].logprobs`).
+required, null where it allows null (`message.refusal`, `choices[].logprobs`), and leave out an optional
+field with no value where the schema allows no null (`msgspec.UNSET`). tests/openai_contract.py holds the
+contract these follow, field by field and parameter by parameter.
 """
 
 from __future__ import annotations
@@ -26,14 +28,28 @@ class ImagePart(msgspec.Struct, tag="image_url", tag_field="type", forbid_unknow
     image_url: ImageURL
 
 
-ContentPart = Union[TextPart, ImagePart]
+# Content parts OpenAI documents and the models here cannot read: typed, so that each is a 400 naming
+# it (app/chat/conversation.py) rather than a decoding error about an unknown tag.
+class AudioPart(msgspec.Struct, tag="input_audio", tag_field="type", forbid_unknown_fields=True):
+    input_audio: dict[str, Any]
+
+
+class FilePart(msgspec.Struct, tag="file", tag_field="type", forbid_unknown_fields=True):
+    file: dict[str, Any]
+
+
+class RefusalPart(msgspec.Struct, tag="refusal", tag_field="type", forbid_unknown_fields=True):
+    refusal: str
+
+
+ContentPart = Union[TextPart, ImagePart, AudioPart, FilePart, RefusalPart]
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: str  # system, developer, user, assistant (others get a 400 naming them: app/chat/conversation.py)
     content: str | list[ContentPart] | None = None
     name: str | None = None  # a participant's name: accepted, and not shown to the models served here
-    refusal: str | None = None  # an earlier assistant reply's refusal, as this API returns it (null)
+    refusal: str | None = None  # an earlier assistant reply's refusal: null (as this API returns it) only
     # Tool calling is not offered: present and not null, each is a 400 naming it.
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -52,7 +68,7 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: dict[str, Any] | None = None  # {"include_usage": true} adds a final usage chunk
-    user: str | None = None  # the end user, for abuse monitoring: logged
+    user: str | None = None  # the end user, for abuse monitoring: logged with the request id
     safety_identifier: str | None = None  # the same, OpenAI's newer name
     # Extensions (as vLLM accepts them): sampling controls OpenAI's schema lacks.
     top_k: int | None = None
@@ -86,6 +102,9 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
 
 
 class AssistantMessage(msgspec.Struct):
@@ -141,5 +160,6 @@ class ChatCompletionChunk(msgspec.Struct):
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: Usage | None = None
+    # Present only when the request set stream_options.include_usage: null, then the totals in the last chunk.
+    usage: Usage | None | msgspec.UnsetType = msgspec.UNSET
     object: str = "chat.completion.chunk"

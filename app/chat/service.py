@@ -32,6 +32,7 @@ from app.metrics import Metrics
 from app.models.families.base import PromptError
 from app.models.registry import ROUTED, ModelRegistry
 from app.models.served import ServedModel
+from app.request_id import current_id
 from app.routing.staged import RouteDecision, StagedRouter
 from app.settings import Settings
 from llm.engine import ImageInput, RequestOutput
@@ -220,7 +221,7 @@ class ChatService:
         (and the metrics middleware, which saw a 200, hears of it here)."""
         if self.metrics is not None:
             self.metrics.record_failure(e.type, e.code, model)
-        return _sse(ErrorBody(ErrorDetail(e.message, e.type, e.param, e.code)))
+        return _sse(ErrorBody(ErrorDetail(e.message, e.type, e.param, e.code), current_id()))
 
     def _timeout(self) -> APIError:
         return APIError(504, f"the request took longer than {self.settings.request_timeout_s} s",
@@ -267,8 +268,10 @@ class ChatService:
         chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), routed.model
 
         def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, choices=True) -> bytes:
+            # With include_usage every chunk carries `usage` (null until the last); without, none does.
             return _sse(ChatCompletionChunk(chunk_id, created, model,
-                                            [ChunkChoice(0, delta, finish)] if choices else [], usage))
+                                            [ChunkChoice(0, delta, finish)] if choices else [],
+                                            usage if include_usage else msgspec.UNSET))
 
         yield chunk(Delta(role="assistant", content=""))
         final = None

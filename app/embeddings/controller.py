@@ -6,7 +6,7 @@ from litestar import Controller, Request, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
-from app.auth import KeyAccess, api_key_of, tenant_of
+from app.auth import KeyAccess, api_key_of, log_end_user, tenant_of
 from app.embeddings.schemas import Classification, ClassifyRequest, EmbeddingList, EmbeddingRequest
 from app.embeddings.service import EmbeddingService
 from app.metrics import set_request_model
@@ -22,6 +22,7 @@ class EmbeddingsController(Controller):
         key = api_key_of(request)
         model = embeddings.model_for(data.model, "embeddings")
         set_request_model(request.scope, model.name)
+        log_end_user(data.user)
         result = await embeddings.embed(data, model, tenant_of(key))
         access.charge(key, result.usage.total_tokens)
         return result

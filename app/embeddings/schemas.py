@@ -9,13 +9,14 @@ import msgspec
 from app.chat.schemas import ImagePart, TextPart
 
 
-class EmbeddingRequest(msgspec.Struct):
+class EmbeddingRequest(msgspec.Struct, forbid_unknown_fields=True):
     # A string, or a list of: strings (a `data:` URL string is an image), text parts, image_url parts.
-    input: str | list[str | TextPart | ImagePart]
+    # OpenAI's token-id inputs (an int, a list of ints) are typed so that each is a 400 naming it.
+    input: str | list[str | TextPart | ImagePart | int | list[int]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 bytes
-    dimensions: int | None = None
-    user: str | None = None
+    dimensions: int | None = None  # honoured when it is the model's own width (no truncation is offered)
+    user: str | None = None  # the end user, for abuse monitoring: logged with the request id
 
 
 class Embedding(msgspec.Struct):
@@ -36,7 +37,7 @@ class EmbeddingList(msgspec.Struct):
     object: str = "list"
 
 
-class ClassifyRequest(msgspec.Struct):
+class ClassifyRequest(msgspec.Struct, forbid_unknown_fields=True):
     image: str  # a data: URL
     labels: list[str] | None = None  # default: the model's label set
     model: str | None = None

@@ -99,7 +99,13 @@ class EmbeddingService:
         items: list[TextTokens | ImageSource] = []
         for i, item in enumerate(raw):
             where = f"input[{i}]" if not isinstance(req.input, str) else "input"
+            if isinstance(item, (int, list)):
+                raise bad_request(f"{where} is token ids: this server embeds text and images, each model with its own "
+                           f"tokenizer; send the text", where, "unsupported_parameter")
             if isinstance(item, ImagePart):
+                if item.image_url.detail not in (None, "auto"):
+                    raise bad_request(f"{where}.image_url.detail is not supported: an image is embedded whole",
+                               f"{where}.image_url.detail", "unsupported_parameter")
                 items.append(ImageSource(item.image_url.url, where))
             elif isinstance(item, str) and item[:5].lower() == "data:":
                 items.append(ImageSource(item, where))
