@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from llm.grammar.backend import CompiledGrammar, GrammarBackend, GrammarMatcher
-from llm.grammar.spec import GrammarError, GrammarSpec, Vocabulary
+from llm.grammar.spec import GrammarError, GrammarSpec, Vocabulary, VocabularyError
 
 SEARCH_NODES = 2000  # matcher states the feasibility search may visit
 SEARCH_DEPTH = 64  # tokens along one path
@@ -113,8 +113,8 @@ class GrammarCompiler:
     def _check_expressible(self, spec: GrammarSpec, matcher: GrammarMatcher) -> None:
         n = len(self.backend.vocabulary.surfaces)
         if not matcher.accepting() and not allowed_ids(matcher, n).size:
-            raise GrammarError(f"the model's vocabulary cannot write the first character the {spec.describe()} "
+            raise VocabularyError(f"the model's vocabulary cannot write the first character the {spec.describe()} "
                                f"grammar needs")
         if not self.backend.byte_complete and reaches_end(matcher, n, [SEARCH_NODES]) is False:
-            raise GrammarError(f"the model's vocabulary cannot write any text the {spec.describe()} grammar "
+            raise VocabularyError(f"the model's vocabulary cannot write any text the {spec.describe()} grammar "
                                f"accepts")

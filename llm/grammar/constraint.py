@@ -24,7 +24,8 @@ class GrammarConstraint:
 
     def allowed(self, width: int, stop_ids: list[int]) -> torch.Tensor:
         """[width] bool: the tokens the grammar allows next, stop ids when the text may end here."""
-        bits = np.unpackbits(self.matcher.allowed_bits().view(np.uint8), bitorder="little")[: self.num_tokens]
+        # (a tokenizer may also have more tokens than the model has logits rows: Mllama's <|image|>)
+        bits = np.unpackbits(self.matcher.allowed_bits().view(np.uint8), bitorder="little")[: min(self.num_tokens, width)]
         allowed = torch.zeros(width, dtype=torch.bool)
         allowed[: bits.size] = torch.from_numpy(bits.astype(bool))
         stops = torch.tensor(stop_ids, dtype=torch.long)

@@ -10,8 +10,7 @@ which suits a CPU shared with the model.
 
 Every kind is built as one Lark grammar, so that a vocabulary whose text drops a leading space
 (`Vocabulary.drops_leading_space`) gets an optional space in front of any of them. JSON is generated
-without free whitespace (", " and ": " as separators, as `json.dumps` and the chat templates write it):
-flexible whitespace would let a model spend its whole budget on spaces.
+in llm/grammar/spec.py's JSON_STYLE (no free whitespace).
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ import re
 import llguidance
 import numpy as np
 
-from llm.grammar.spec import GrammarError, GrammarSpec, Vocabulary
-
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+from llm.grammar.spec import JSON_STYLE, GrammarError, GrammarSpec, Vocabulary, json_rule
 _START = re.compile(r"(?m)^(\s*)start(\s*):")
 
 
@@ -108,12 +105,11 @@ class LLGuidanceBackend:
             schema = json.loads(spec.source) if spec.kind == "json_schema" else {"type": "object"}
             if not isinstance(schema, dict):
                 raise GrammarError("a JSON schema must be a JSON object")
-            schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}), **JSON_OPTIONS}}
-            checked = llguidance.LLMatcher.grammar_from_json_schema(schema)
+            checked = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)
             failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(checked)
             if failed:  # checked alone, so that the message names the schema's keyword, not our wrapper
                 raise GrammarError(f"unsupported or invalid JSON schema: {messages[0].strip()}")
-            body = "%json " + json.dumps(schema)
+            body = json_rule(schema)
         elif spec.kind == "regex":
             failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
                 llguidance.LLMatcher.grammar_from_regex(spec.source))

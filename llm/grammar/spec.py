@@ -23,11 +23,21 @@ from typing import Literal
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
 KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "lark")
+# JSON is written without free whitespace, with ", " and ": " (as json.dumps and the chat templates write
+# it): free whitespace would let a model spend its whole budget on spaces. (llguidance's option names.)
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMAS = ("items", "additionalItems", "additionalProperties")
 
 
 class GrammarError(ValueError):
     """A grammar that cannot constrain this model: invalid, using an unsupported keyword (the message
     names it), or not expressible in the model's vocabulary. The HTTP layer answers it with a 400."""
+
+
+class VocabularyError(GrammarError):
+    """A valid grammar that the model's vocabulary cannot write (the model's limit, not the request's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,33 @@ class GrammarSpec:
     def describe(self) -> str:
         """A short name for messages: "json_schema", "choice of 3", ..."""
         return f"choice of {len(json.loads(self.source))}" if self.kind == "choice" else self.kind
+
+
+def closed_schema(schema):
+    """The schema with every object that lists `properties` and says nothing of more properties closed
+    (additionalProperties false), as OpenAI's strict schemas are. That only narrows what may be written,
+    so an output still validates against the schema as sent, and a model cannot wander into keys nobody
+    asked for."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_schema(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed_schema(s) for k, s in out[key].items()}
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_schema(out[key])
+    return out
+
+
+def json_rule(schema: dict) -> str:
+    """A JSON schema as a rule's body in a `lark` grammar (`%json {...}`), in JSON_STYLE."""
+    return "%json " + json.dumps({**schema, "x-guidance": {**schema.get("x-guidance", {}), **JSON_STYLE}})
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,8 +87,10 @@ class HFChatTokenizer:
     def token_id(self, token: str) -> int | None:
         return self.hf.convert_tokens_to_ids(token) if token in self.hf.get_vocab() else None
 
-    def render(self, messages: list[dict]) -> list[int]:
-        """transformers' message dicts (content a string or a list of {"type": "text"|"image"} parts) ->
-        the prompt ids, the assistant's header added."""
-        return list(self.hf.apply_chat_template(messages, chat_template=self.template, add_generation_prompt=True,
-                                                tokenize=True, return_dict=False, sanitize_control_tokens=True))
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """transformers' message dicts (content a string or a list of {"type": "text"|"image"} parts; an
+        assistant's `tool_calls`, a "tool" message's result) and the tools offered (OpenAI's tool objects)
+        -> the prompt ids, the assistant's header added."""
+        return list(self.hf.apply_chat_template(messages, tools=tools or None, chat_template=self.template,
+                                                add_generation_prompt=True, tokenize=True, return_dict=False,
+                                                sanitize_control_tokens=True))

@@ -37,6 +37,9 @@ class CoCaTokenizer(TextTokenizer, Protocol):
     eot_id: int
     sep_id: int | None
 
+    def vocabulary(self) -> Vocabulary | None:
+        """Each token's surface form in `decode`'s text (llm/grammar), or None when it has none to give."""
+
 
 @dataclass
 class WordTokenizer:
@@ -105,3 +108,7 @@ class OpenClipBPETokenizer:
     def decode(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in (self.sot_id, self.eot_id, self.pad_id)]
         return self._tok.decode(ids).strip()
+
+    def vocabulary(self) -> None:
+        """None: `decode` strips the text and open_clip's checkpoints only caption, so no grammar is offered."""
+        return None
