@@ -19,7 +19,7 @@ from app.server import create_app
 from app.settings import Settings
 from bench.hf_checkpoints import PRESETS, write_mllama_checkpoint
 from llm.loading.chat_template import HFChatTokenizer
-from tests.test_grammar import RECEIPT
+from tests.test_grammar import RECEIPT, exact
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                             "unit": {"enum": ["c", "f"]},
@@ -60,7 +60,7 @@ def test_json_schema_answers_validate(client):
     for seed in range(3):
         r = ask(client, response_format=fmt, temperature=1.0, seed=seed, max_completion_tokens=160)
         assert r.choices[0].finish_reason == "stop"
-        jsonschema.validate(json.loads(r.choices[0].message.content), RECEIPT)
+        jsonschema.validate(exact(r.choices[0].message.content), exact(json.dumps(RECEIPT)))
     again = ask(client, response_format=fmt, temperature=1.0, seed=2, max_completion_tokens=160)
     assert again.choices[0].message.content == r.choices[0].message.content  # seeded: reproducible
 
