@@ -29,7 +29,7 @@ from llm.packed_linear import PackedLinear, dense_copy
 from llm.quant import CalibrationBatch, QuantScheme, quantize_model, quantized_bytes
 from llm.quant.kernels import int4_dequantize, int4_quantize, int8_codes, int8_dequantize, int8_scales
 from llm.quant.linear import Int4Linear, Int8Linear, dequantized_weight
-from llm.sampling import SamplingParams
+from llm.params import SamplingParams
 
 MB = 1e6
 # Decode speed is read off the step times: 1 / their 25th percentile over every run. Why not the best

@@ -8,7 +8,8 @@ event loop with `call_soon_threadsafe`. Leaving the `async for` early (client go
 task cancelled) aborts the request, which frees its KV blocks at the loop's next turn.
 
 A failed step (out of memory, a bug) fails the requests that were in it with the error and leaves the
-engine serving the rest: one bad batch must not take the server down.
+engine serving the rest: one bad batch must not take the server down. A request that fails alone (its
+grammar did not compile, or cannot go on) gets its own error raised from its `async for`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.engine.grammars is not None:
+            self.engine.grammars.close()
+
+    @property
+    def grammars(self):
+        """The engine's GrammarCompiler (thread-safe; None when the model declares no vocabulary)."""
+        return self.engine.grammars
 
     @property
     def is_alive(self) -> bool:
@@ -118,7 +126,7 @@ class AsyncEngine:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream.put(out)
+                    stream.put(out if out.error is None else out.error)
                     if out.finished:
                         del self._streams[out.request_id]
             if self._on_step is not None:

@@ -4,6 +4,10 @@
 
 plus, per request, incremental detokenization and stop strings. `llm.async_engine.AsyncEngine` runs
 this loop in its own thread for the server; the CLI and the benchmarks call `generate` directly.
+
+A request with a grammar (SamplingParams.grammar) is parked until its grammar is compiled, on the
+compiler's own thread (llm/grammar/compiler.py), and joins the scheduler's queue then: the step never
+waits for a compile. Its grammar state rides on its sampler in the model runner.
 """
 
 from __future__ import annotations
@@ -11,11 +15,15 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import abc
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 
 import torch
 
 from llm.cross_plan import ImageSpan
+from llm.grammar.compiler import GrammarCompiler
+from llm.grammar.constraint import GrammarConstraint
+from llm.grammar.spec import GrammarError, Vocabulary
 from llm.model_runner import ModelRunner
 from llm.packed_linear import pack_linears
 from llm.params import SamplingParams
@@ -34,9 +42,10 @@ class EngineConfig:
     kv_dtype: str | None = None  # None: the model's dtype; "bfloat16" halves the pool
     pack_weights: bool = True  # fp32 on CPU: oneDNN-packed linear weights (llm/packed_linear.py)
     compile_decode: bool = False  # decode-only steps through torch.compile (llm/model_runner.py)
+    grammar_cache_entries: int = 256  # compiled grammars kept (llm/grammar/compiler.py)
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "grammar_cache_entries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine setting {name} must be positive, got {getattr(self, name)}")
         if self.cross_cache_bytes < 0:
@@ -101,6 +110,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens whose K/V came from the prefix cache
+    error: Exception | None = None  # the request failed (finish_reason "abort"): e.g. a GrammarError
 
 
 class IncrementalDetokenizer:
@@ -144,7 +154,8 @@ class _Live:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: TextTokenizer | None, stop_ids: tuple[int, ...],
-                 config: EngineConfig = EngineConfig()) -> None:
+                 config: EngineConfig = EngineConfig(), vocabulary: Vocabulary | None = None) -> None:
+        """`vocabulary`: the tokens' surface forms, declared by the model's family; None: grammars are refused."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         if config.pack_weights:
             pack_linears(model)  # in place: the engine owns the model from here on
@@ -158,6 +169,9 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.cross_cache_bytes, kv_dtype,
                                   compile_decode=config.compile_decode)
         self._live: dict[str, _Live] = {}
+        self.grammars = (GrammarCompiler.for_vocabulary(vocabulary, config.grammar_cache_entries)
+                         if vocabulary is not None else None)
+        self._parked: dict[str, tuple[list[int], Images, SamplingParams, Future]] = {}  # grammar compiling
 
     @property
     def context_length(self) -> int:
@@ -166,11 +180,28 @@ class Engine:
     def add_request(self, request_id: str, prompt_ids: list[int], images: Images, params: SamplingParams) -> None:
         """`images`: one ImageInput, several in prompt order, or None for a text-only request (families
         that can). Raises llm.scheduler.PromptRejected for a prompt that can never run, ValueError for
-        images the model cannot take."""
+        images the model cannot take, GrammarError for a grammar already known bad (one still compiling
+        fails later, as an output whose `error` is set)."""
+        if params.grammar is None:
+            return self._admit(request_id, prompt_ids, images, params, None)
+        if self.grammars is None:
+            raise GrammarError("this model declares no token surfaces, so it cannot follow a grammar")
+        if request_id in self._live or request_id in self._parked:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        future = self.grammars.submit(params.grammar)
+        if future.done():
+            return self._admit(request_id, prompt_ids, images, params, self._constraint(future))
+        self._parked[request_id] = (prompt_ids, images, params, future)
+
+    def _constraint(self, compiled: Future) -> GrammarConstraint:
+        return GrammarConstraint(compiled.result().matcher(), len(self.grammars.backend.vocabulary.surfaces))
+
+    def _admit(self, request_id: str, prompt_ids: list[int], images: Images, params: SamplingParams,
+               constraint: GrammarConstraint | None) -> None:
         digest, tokens, spans = image_run(images)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_ids)
         seq = Sequence(request_id, tuple(prompt_ids), extra_key=digest or "", params=params, stop_ids=stop_ids)
-        self.runner.add_request(request_id, list(prompt_ids), digest, tokens, spans, params, stop_ids)
+        self.runner.add_request(request_id, list(prompt_ids), digest, tokens, spans, params, stop_ids, constraint)
         try:
             self.scheduler.add(seq)
         except Exception:
@@ -180,19 +211,37 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Drop a request now: its KV blocks and its hold on the image K/V go back at once."""
+        if self._parked.pop(request_id, None) is not None:
+            return True
         self._live.pop(request_id, None)
         self.runner.release(request_id)
         return self.scheduler.abort(request_id)
 
     @property
     def has_unfinished(self) -> bool:
-        return not self.scheduler.is_idle
+        return not self.scheduler.is_idle or bool(self._parked)
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Parked requests whose grammar is ready join the queue; those whose grammar failed end, failed.
+        With nothing else to run, wait a moment for a compile rather than spin."""
+        if self.scheduler.is_idle and self._parked:
+            wait([f for *_, f in self._parked.values()], timeout=0.01, return_when=FIRST_COMPLETED)
+        failed = []
+        for request_id, (prompt_ids, images, params, future) in list(self._parked.items()):
+            if not future.done():
+                continue
+            del self._parked[request_id]
+            try:
+                self._admit(request_id, prompt_ids, images, params, self._constraint(future))
+            except Exception as e:  # noqa: BLE001 - GrammarError, PromptRejected...: this request's alone
+                failed.append(RequestOutput(request_id, "", "", True, "abort", (), len(prompt_ids), 0, 0, e))
+        return failed
 
     def step(self) -> list[RequestOutput]:
+        outputs = self._admit_compiled()
         out = self.scheduler.schedule()
         sampled = self.runner.run(out)
         finished = {seq.request_id for seq in self.scheduler.update(out, sampled)}
-        outputs = []
         for request_id in sampled:
             live = self._live.get(request_id)
             if live is None:
@@ -205,8 +254,11 @@ class Engine:
                 self.scheduler.abort(request_id)
                 done, reason = True, "stop"
             completion = seq.num_output_tokens + (reason == "stop" and not hit_stop)  # the stop id counts
-            outputs.append(RequestOutput(request_id, delta, text, done, reason, tuple(seq.output_token_ids),
-                                         seq.num_prompt_tokens, completion, seq.num_cached_tokens))
+            failure = self.runner.grammar_failure(request_id) if done else ""
+            error = GrammarError(f"the output cannot go on under its grammar: {failure}") if failure else None
+            outputs.append(RequestOutput(request_id, delta, text, done, "abort" if error else reason,
+                                         tuple(seq.output_token_ids), seq.num_prompt_tokens, completion,
+                                         seq.num_cached_tokens, error))
             if done:
                 del self._live[request_id]
                 self.runner.release(request_id)
@@ -230,4 +282,5 @@ class Engine:
                 "kv_blocks_total": self.scheduler.config.num_blocks, "kv_blocks_used": bm.num_used_blocks,
                 "kv_usage": bm.usage, "kv_pool_bytes": self.runner.kv_pool_bytes,
                 "cross_kv_entries": len(self.runner.cross_pool), "cross_kv_bytes": self.runner.cross_pool.bytes,
-                "cross_kv_hits": self.runner.cross_pool.hits, "cross_kv_misses": self.runner.cross_pool.misses}
+                "cross_kv_hits": self.runner.cross_pool.hits, "cross_kv_misses": self.runner.cross_pool.misses,
+                "grammar_parked": len(self._parked), **(self.grammars.stats() if self.grammars else {})}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from llm.attention import CrossLayerKV, DecodeKeys, KVShape, PrefillSpan, StepBatch
 from llm.cross_kv_pool import CrossKV, CrossKVPool
 from llm.cross_plan import CrossPlan, ImageSpan, KeyRanges
+from llm.grammar.constraint import GrammarConstraint
 from llm.params import SamplingParams
 from llm.sampling import RequestSampler, sample
 from llm.scheduler import ScheduledChunk, SchedulerOutput
@@ -131,16 +132,22 @@ class ModelRunner:
     # -- request lifetime --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], image_digest: str | None,
                     image_tokens: torch.Tensor | None, spans: tuple[ImageSpan, ...], params: SamplingParams,
-                    stop_ids: frozenset[int]) -> None:
+                    stop_ids: frozenset[int], constraint: GrammarConstraint | None = None) -> None:
         """`image_tokens` [N, W]: the request's images end to end (`spans` their lengths, in prompt
         order), named by `image_digest`; None for a text-only request. The model's `cross_plan` says
-        which of them each position attends to."""
+        which of them each position attends to. `constraint`: the request's grammar state, if any."""
         plan = self.model.cross_plan(prompt_ids, list(spans))
         if image_digest is not None:
             self.cross_pool.acquire(image_digest)
         self._requests[request_id] = _RequestState(
             image_digest, None if image_digest is None or image_digest in self.cross_pool else image_tokens, plan,
-            RequestSampler(params, stop_ids, prompt_ids, self.device), len(prompt_ids))
+            RequestSampler(params, stop_ids, prompt_ids, self.device, constraint), len(prompt_ids))
+
+    def grammar_failure(self, request_id: str) -> str:
+        """Why the request's grammar could not go on ("" when it could, or has none)."""
+        state = self._requests.get(request_id)
+        constraint = state.sampler.constraint if state is not None else None
+        return constraint.failure if constraint is not None else ""
 
     def release(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)

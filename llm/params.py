@@ -1,10 +1,13 @@
-"""What one request asks of generation: its length, its sampling, its stops. Plain data, no torch: the
-scheduler (its length and stop rules), the model runner's sampler (llm/sampling.py), the engine's
-detokenizer (stop strings) and the HTTP layer all read this one object."""
+"""What one request asks of generation: its length, its sampling, its stops, its grammar. Plain data, no
+torch: the scheduler (its length and stop rules), the model runner's sampler (llm/sampling.py), the
+engine's detokenizer (stop strings) and grammar compiler (llm/grammar), and the HTTP layer all read this
+one object."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from llm.grammar.spec import GrammarSpec
 
 
 class InvalidParam(ValueError):
@@ -27,6 +30,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # added to the model's own end-of-turn ids
     min_tokens: int = 0  # stop ids are masked out until this many tokens were generated
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    grammar: GrammarSpec | None = None  # the output must be a sentence of this grammar (llm/grammar)
 
     def __post_init__(self) -> None:
         checks = (("max_tokens", self.max_tokens >= 1, "at least 1"),
@@ -38,6 +42,13 @@ class SamplingParams:
         for name, ok, rule in checks:
             if not ok:
                 raise InvalidParam(name, f"{name} must be {rule}, got {getattr(self, name)}")
+        # A grammar decides where the output may end: it must be free to end there, and only there.
+        if self.grammar is not None and self.min_tokens:
+            raise InvalidParam("min_tokens", "min_tokens cannot be combined with a grammar (response_format, tools "
+                                             "or guided_*): the grammar decides where the output ends")
+        if self.grammar is not None and self.ignore_eos:
+            raise InvalidParam("ignore_eos", "ignore_eos cannot be combined with a grammar (response_format, tools "
+                                             "or guided_*): the grammar decides where the output ends")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 

@@ -1,8 +1,12 @@
-"""Per-request sampling inside one batch: greedy, temperature, top-k, top-p, repetition penalty, seed.
+"""Per-request sampling inside one batch: a grammar's mask, greedy, temperature, top-k, top-p, repetition
+penalty, seed.
 
 Every request carries its own `torch.Generator`, seeded from its `seed`, and draws from it only for
 its own rows, so a seeded request gives the same tokens whatever else shares its batch. Greedy rows
 (temperature 0) skip the random path altogether and are taken in one vectorised argmax.
+
+A constrained request (llm/grammar) first has its own row masked to what its grammar allows; the mask
+depends on that request's tokens alone, so batch invariance and seeded reproducibility hold for it too.
 """
 
 from __future__ import annotations
@@ -10,15 +14,17 @@ from __future__ import annotations
 import random
 import torch
 
+from llm.grammar.constraint import GrammarConstraint
 from llm.params import SamplingParams
 
 
 class RequestSampler:
-    """One request's sampling state: its parameters, its random stream, the ids it must penalise."""
+    """One request's sampling state: its parameters, its random stream, the ids it must penalise, and its
+    grammar's state when it has one."""
 
     def __init__(self, params: SamplingParams, stop_ids: frozenset[int], prompt_ids: list[int],
-                 device: torch.device | str = "cpu") -> None:
-        self.params = params
+                 device: torch.device | str = "cpu", constraint: GrammarConstraint | None = None) -> None:
+        self.params, self.constraint = params, constraint
         self.stop_ids = sorted(stop_ids)
         self.generator = None
         if not params.greedy:
@@ -29,6 +35,8 @@ class RequestSampler:
     def observe(self, token_id: int) -> None:
         if self.params.repetition_penalty != 1:
             self.seen.add(token_id)
+        if self.constraint is not None:
+            self.constraint.advance(token_id, self.stop_ids)
 
     def adjust(self, logits: torch.Tensor, num_generated: int) -> torch.Tensor:
         """Processors that also apply under greedy decoding: min-tokens masking, repetition penalty."""
@@ -59,6 +67,9 @@ class RequestSampler:
 
 def sample(logits: torch.Tensor, samplers: list[RequestSampler], num_generated: list[int]) -> list[int]:
     """logits [S, V], one row per sampler -> one token id per row."""
+    for i, s in enumerate(samplers):
+        if s.constraint is not None:
+            s.constraint.mask_(logits[i], s.stop_ids)
     needs_adjust = [i for i, s in enumerate(samplers)
                     if (s.stop_ids and num_generated[i] < s.params.min_tokens) or s.params.repetition_penalty != 1]
     for i in needs_adjust:

@@ -204,7 +204,7 @@ CHAT_PARAMS = _table(
     Param("stream_options", HONOURED, why="include_usage honoured; include_obfuscation: false only"),
     Param("user", HONOURED, ("end-user-1",), why="abuse monitoring: the request's log line names it"),
     Param("safety_identifier", HONOURED, ("end-user-1",), why="as user"),
-    Param("parallel_tool_calls", HONOURED, (True, False), why="no tool is ever called, so none in parallel"),
+    Param("parallel_tool_calls", HONOURED, (True, False), why="an answer makes one call at most"),
     Param("n", NEUTRAL, (1,), (2,)),
     Param("frequency_penalty", NEUTRAL, (0,), (0.5, -1), why="repetition_penalty instead"),
     Param("presence_penalty", NEUTRAL, (0,), (0.5,), why="repetition_penalty instead"),
@@ -216,12 +216,15 @@ CHAT_PARAMS = _table(
     Param("store", NEUTRAL, (False,), (True,)),
     Param("metadata", NEUTRAL, ({},), ({"k": "v"},), why="only stored completions carry metadata"),
     Param("service_tier", NEUTRAL, ("auto", "default"), ("flex", "priority")),
-    Param("tools", NEUTRAL, ([],), ([TOOL],)),
-    Param("tool_choice", NEUTRAL, ("none",), ("auto", "required", TOOL)),
-    Param("functions", REFUSED, (), ([{"name": "f"}],), why="deprecated: tools"),
+    # Tools and JSON are honoured by the models that can (Llama-3.2-Vision: tests/test_structured_http.py); the
+    # demo model here declares no tool calling, and its vocabulary of bare words cannot write JSON.
+    Param("tools", NEUTRAL, ([],), ([TOOL],), why="the demo model calls no tools"),
+    Param("tool_choice", NEUTRAL, ("none",), ("auto", "required", TOOL), why="nothing to choose without tools"),
+    Param("functions", REFUSED, (), ([{"name": "f"}],), why="deprecated: mapped onto tools, which the demo lacks"),
     Param("function_call", NEUTRAL, ("none",), ("auto", {"name": "f"}), why="deprecated: tool_choice"),
     Param("response_format", NEUTRAL, ({"type": "text"},),
-          ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}})),
+          ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}),
+          why="the demo's words cannot write JSON"),
     Param("prediction", REFUSED, (), ({"type": "content", "content": "x"},)),
     Param("reasoning_effort", NEUTRAL, ("none",), ("low", "high")),
     Param("verbosity", NEUTRAL, ("medium",), ("low", "high")),
@@ -237,6 +240,10 @@ CHAT_PARAMS = _table(
     Param("ignore_eos", HONOURED, (False,), openai=False),
     Param("visual_tokens", HONOURED, (0.5,), openai=False),
     Param("return_token_ids", HONOURED, (True,), openai=False),
+    # one answer format at a time, and not with min_tokens: exercised on their own (tests/test_structured_http.py)
+    Param("guided_choice", HONOURED, openai=False),
+    Param("guided_regex", HONOURED, openai=False),
+    Param("guided_grammar", HONOURED, openai=False),
 )
 
 # The parameters of CreateChatCompletionRequest (with CreateModelResponseProperties and
@@ -259,14 +266,15 @@ STREAM_OPTIONS = _table(
 # A message of `messages` (the union of ChatCompletionRequest{System,Developer,User,Assistant,Tool,
 # Function}Message's properties) and its content parts.
 MESSAGE_FIELDS = _table(
-    Param("role", HONOURED, ("system", "developer", "user", "assistant"), ("tool", "function"),
-          why="tool and function messages: no tool calling"),
+    Param("role", HONOURED, ("system", "developer", "user", "assistant"), ("function",),
+          why="tool messages: a model with tool calling (the demo has none); function messages are deprecated"),
     Param("content", HONOURED),
     Param("name", ACCEPTED, ("alice",), why="no template here shows the models a participant's name; refusing "
           "it would break the many clients that send one"),
     Param("refusal", NEUTRAL, (), ("I cannot",), why="only null, as this server answers it"),
-    Param("tool_calls", REFUSED, (), ([{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],)),
-    Param("tool_call_id", REFUSED, (), ("c",)),
+    Param("tool_calls", REFUSED, (), ([{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],),
+          why="a model with tool calling (the demo has none)"),
+    Param("tool_call_id", REFUSED, (), ("c",), why="on a tool message only"),
     Param("function_call", REFUSED, (), ({"name": "f", "arguments": "{}"},)),
     Param("audio", REFUSED, (), ({"id": "audio-1"},)),
 )

@@ -9,18 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from llm.coca import CoCaDecoder, decoder_from_open_clip
+from llm.models.coca import CoCaDecoder, decoder_from_open_clip
 from llm.engine import Engine, EngineConfig, ImageInput, tensor_digest
 from llm.generate import teacher_forced_logits
 from llm.hardware import cpu_flags, cpu_has_native_bf16, has_native_bf16, resolve_dtype
-from llm.mllama import MllamaDecoder, mllama_decoder_from_hf_model
+from llm.models.mllama import MllamaDecoder, mllama_decoder_from_hf_model
 from llm.packed_linear import PackedLinear, pack_linears
-from llm.quant import (CalibrationBatch, Int4Linear, Int8Linear, QuantScheme, load_quantized, quantize_model,
+from llm.quant import (CalibrationBatch, Int8Linear, QuantScheme, load_quantized, quantize_model,
                        quantized_bytes, save_quantized)
 from llm.quant.gptq import InputStats, gptq_quantize
 from llm.quant.kernels import int4_dequantize, int4_quantize
 from llm.quant.linear import dequantized_weight
-from llm.sampling import SamplingParams
+from llm.params import SamplingParams
 from tests.test_coca_oracle import SMALL_COCA, random_small_coca
 from tests.test_mllama_oracle import SMALL_VISION, TINY_TEXT, random_mllama
 

@@ -1,5 +1,5 @@
 """A chat request's parameters: the ones this server does not honour refused by name, the sampling
-ones checked and turned into `SamplingParams`.
+ones checked and turned into `SamplingParams` (with the answer's grammar, app/chat/structured.py).
 
 The table below is the contract: each OpenAI parameter the server does not honour is accepted only at
 its neutral value (absent, null, or what OpenAI does by default), anything else is a 400
@@ -14,6 +14,7 @@ from typing import Any
 
 from app.chat.schemas import ChatCompletionRequest
 from app.errors import bad_request
+from llm.grammar.spec import GrammarSpec
 from llm.params import InvalidParam, SamplingParams
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -42,12 +43,6 @@ UNSUPPORTED = (
     Unsupported("store", lambda v: v in (None, False), "completions are not stored"),
     Unsupported("metadata", lambda v: not v, "completions are not stored, so they carry no metadata"),
     Unsupported("service_tier", lambda v: v in (None, "auto", "default"), "one service tier is offered"),
-    Unsupported("tools", lambda v: not v, "tool calling is not offered"),
-    Unsupported("tool_choice", lambda v: v in (None, "none"), "tool calling is not offered"),
-    Unsupported("functions", _none, "tool calling is not offered (functions is deprecated: use tools)"),
-    Unsupported("function_call", lambda v: v in (None, "none"),
-                "tool calling is not offered (function_call is deprecated: use tool_choice)"),
-    Unsupported("response_format", lambda v: v is None or v.get("type") == "text", "only text output is offered"),
     Unsupported("prediction", _none, "predicted outputs are not offered"),
     # "none" asks for no reasoning, which is what the models here do.
     Unsupported("reasoning_effort", lambda v: v in (None, "none"), "the models served here do not reason in steps"),
@@ -61,7 +56,9 @@ UNSUPPORTED = (
                 "prompt caching is automatic here (by prefix), with no breakpoints or promised lifetime"),
     Unsupported("moderation", _none, "moderation is not offered"),
 )
-# parallel_tool_calls is honoured, whatever its value: no tool is ever called, so none is called in parallel.
+# Honoured elsewhere: response_format, guided_* (app/chat/structured.py); tools, tool_choice and the deprecated
+# functions / function_call mapped onto them (app/chat/tools.py), refused by a model without tool calling;
+# parallel_tool_calls, whatever its value: an answer makes one call at most (Llama 3.2's template takes one).
 STREAM_OPTIONS = ("include_usage", "include_obfuscation")
 
 
@@ -83,7 +80,7 @@ def reject_unsupported(req: ChatCompletionRequest) -> None:
         raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
 
 
-def sampling_params(req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+def sampling_params(req: ChatCompletionRequest, max_tokens: int, grammar: GrammarSpec | None = None) -> SamplingParams:
     """The request's sampling, its bounds checked by SamplingParams itself (a 400 naming the one out of
     range)."""
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -94,7 +91,7 @@ def sampling_params(req: ChatCompletionRequest, max_tokens: int) -> SamplingPara
                               top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
                               repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                               seed=req.seed, stop=tuple(stops), min_tokens=req.min_tokens or 0,
-                              ignore_eos=bool(req.ignore_eos))
+                              ignore_eos=bool(req.ignore_eos), grammar=grammar)
     except InvalidParam as e:
         raise bad_request(str(e), param=e.param) from None
 

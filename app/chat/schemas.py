@@ -50,7 +50,8 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     content: str | list[ContentPart] | None = None
     name: str | None = None  # a participant's name: accepted, and not shown to the models served here
     refusal: str | None = None  # an earlier assistant reply's refusal: null (as this API returns it) only
-    # Tool calling is not offered: present and not null, each is a 400 naming it.
+    # An assistant message's calls ({"id", "type": "function", "function": {"name", "arguments"}}) and a
+    # "tool" message's answer to one (app/chat/conversation.py checks them); function_call is deprecated.
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
@@ -79,6 +80,11 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     visual_tokens: int | float | None = None
     # The prompt's and the completion's token ids in the response (vLLM's extension of the same name).
     return_token_ids: bool | None = None
+    # The answer must be one of these strings / match this regex / follow this Lark grammar (vLLM's names;
+    # app/chat/structured.py). One output format at a time, response_format and tools included.
+    guided_choice: list[str] | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
     # OpenAI parameters honoured only at their neutral value; anything else is a 400 naming them.
     n: int | None = None
     frequency_penalty: float | None = None
@@ -107,10 +113,31 @@ class ChatCompletionRequest(msgspec.Struct, forbid_unknown_fields=True):
     moderation: dict[str, Any] | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class AssistantMessage(msgspec.Struct):
     content: str | None
     refusal: str | None = None  # required by the schema (nullable): the models here never refuse in words
     role: str = "assistant"
+    tool_calls: list[MessageToolCall] | msgspec.UnsetType = msgspec.UNSET
+    function_call: FunctionCall | msgspec.UnsetType = msgspec.UNSET  # answering the deprecated `functions`
+
+
+class IncompleteDetails(msgspec.Struct):
+    """mmserve's extension (the Responses API's name): a constrained answer (response_format, tools,
+    guided_*) cut by max_tokens before its grammar was complete does not parse, and says so here."""
+
+    reason: str  # "max_tokens"
+    message: str
 
 
 class Choice(msgspec.Struct):
@@ -118,6 +145,7 @@ class Choice(msgspec.Struct):
     message: AssistantMessage
     finish_reason: str
     logprobs: None = None  # required by the schema (nullable): logprobs are not offered
+    incomplete_details: IncompleteDetails | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChoiceWithTokens(Choice, kw_only=True):
@@ -143,9 +171,23 @@ class ChatCompletionWithTokens(ChatCompletion, kw_only=True):
     prompt_token_ids: list[int]  # return_token_ids: the ids the model read, as its chat template built them
 
 
+class FunctionDelta(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionDelta | None = None
+
+
 class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionDelta | None = None
 
 
 class ChunkChoice(msgspec.Struct):
@@ -153,6 +195,7 @@ class ChunkChoice(msgspec.Struct):
     delta: Delta
     finish_reason: str | None = None
     logprobs: None = None
+    incomplete_details: IncompleteDetails | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatCompletionChunk(msgspec.Struct):

@@ -18,14 +18,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgspec
 from anyio import to_thread
 
+from app.chat.answer import StreamedAnswer, final_message, incomplete
 from app.chat.conversation import Conversation, parse_messages
 from app.chat.params import completion_budget, reject_unsupported, sampling_params
-from app.chat.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+from app.chat.structured import OutputPlan, output_plan
+from app.chat.tools import tool_plan
+from app.chat.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionWithTokens, Choice, ChoiceWithTokens, ChunkChoice, Delta, Usage)
 from app.errors import APIError, ErrorBody, ErrorDetail, bad_request
 from app.metrics import Metrics
@@ -36,6 +39,7 @@ from app.request_id import current_id
 from app.routing.staged import RouteDecision, StagedRouter
 from app.settings import Settings
 from llm.engine import ImageInput, RequestOutput
+from llm.grammar.spec import GrammarError, GrammarSpec, VocabularyError
 from llm.loading.chat_format import CAPTION_QUESTION
 from llm.params import SamplingParams
 from llm.scheduler import PromptRejected
@@ -49,6 +53,7 @@ class PreparedChat:
     req: ChatCompletionRequest
     conversation: Conversation
     target: ServedModel | None  # None: the routed alias, the router picks
+    output: OutputPlan = OutputPlan()  # the answer's format: response_format, guided_*, tools
 
 
 @dataclass(frozen=True)
@@ -61,15 +66,25 @@ class Routed:
     prompt: tuple[int, ...] = ()
     params: SamplingParams | None = None
     images: tuple[ImageInput, ...] = ()
+    output: OutputPlan | None = None
 
     @property
     def route(self) -> str:
         return self.decision.route if self.decision is not None else f"decoder:{self.model}"
 
 
-def capability_problem(model: ServedModel, conversation: Conversation, max_images: int) -> APIError | None:
-    """Why `model` cannot take the conversation (a 400 naming the limit), or None."""
+def capability_problem(model: ServedModel, conversation: Conversation, max_images: int,
+                       output: OutputPlan = OutputPlan()) -> APIError | None:
+    """Why `model` cannot take the conversation or give the answer's format (a 400 naming the limit), or None."""
     caps, n = model.capabilities, len(conversation.images)
+    tool_use = (output.tools.param if output.tools is not None else None) or conversation.tool_use
+    if tool_use and not caps.tools:
+        legacy = " (functions is deprecated: use tools)" if tool_use == "functions" else ""
+        return bad_request(f"{tool_use}: model {model.name!r} does not call tools (its family declares no tool-call "
+                           f"format){legacy}", param=tool_use, code="unsupported_parameter")
+    if output.grammar is not None and not caps.structured_output:
+        return bad_request(f"{output.param}: model {model.name!r} cannot constrain its output (its tokenizer declares "
+                           f"no token surface forms)", param=output.param, code="unsupported_parameter")
     if n > max_images:
         return bad_request(f"the conversation has {n} images; this server accepts at most {max_images} "
                         f"(setting max_images_per_request)", param="messages", code="too_many_images")
@@ -83,6 +98,13 @@ def capability_problem(model: ServedModel, conversation: Conversation, max_image
         return bad_request(f"model {model.name!r} only captions images: send one user message with one image and "
                         f"no text (or {CAPTION_QUESTION!r})", param="messages", code="unsupported_prompt")
     return None
+
+
+def grammar_error(e: GrammarError, model: str, param: str | None) -> APIError:
+    """A 400 naming the field that asked for the grammar; a vocabulary that cannot write it is the
+    model's limit (unsupported_parameter), anything else a bad grammar."""
+    code = "unsupported_parameter" if isinstance(e, VocabularyError) else "invalid_grammar"
+    return bad_request(f"{param}: model {model!r}: {e}", param=param, code=code)
 
 
 def _sse(payload: msgspec.Struct | dict) -> bytes:
@@ -103,18 +125,22 @@ class ChatService:
     def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
         reject_unsupported(req)
         target = self.registry.resolve(req.model)
+        tools = tool_plan(req)
+        output = output_plan(req, tools)
         conversation = parse_messages(req.messages)
+        if tools is not None:
+            conversation = replace(conversation, tools=tuple(f.as_tool() for f in tools.functions))
         if target is ROUTED:
-            if not self.candidates(conversation):
-                problems = [str(capability_problem(m, conversation, self.settings.max_images_per_request))
+            if not self.candidates(conversation, output):
+                problems = [str(capability_problem(m, conversation, self.settings.max_images_per_request, output))
                             for m in self.registry]
                 raise bad_request(f"no served model can take this conversation: {'; '.join(problems)}",
                                param="messages", code="no_capable_model")
-            return PreparedChat(req, conversation, None)
-        problem = capability_problem(target, conversation, self.settings.max_images_per_request)
+            return PreparedChat(req, conversation, None, output)
+        problem = capability_problem(target, conversation, self.settings.max_images_per_request, output)
         if problem is not None:
             raise problem
-        return PreparedChat(req, conversation, target)
+        return PreparedChat(req, conversation, target, output)
 
     def metrics_label(self, name: str | None) -> str:
         """The `model` label of a request that names `name`: a served model's own name, the routed
@@ -125,9 +151,9 @@ class ChatService:
         served = self.registry.get(name)
         return served.name if served is not None else ""
 
-    def candidates(self, conversation: Conversation) -> list[str]:
+    def candidates(self, conversation: Conversation, output: OutputPlan = OutputPlan()) -> list[str]:
         limit = self.settings.max_images_per_request
-        return [m.name for m in self.registry if capability_problem(m, conversation, limit) is None]
+        return [m.name for m in self.registry if capability_problem(m, conversation, limit, output) is None]
 
     # -- the route and the model's inputs (worker thread) ------------------------------------------
     def _resolve(self, prepared: PreparedChat, tenant: str | None) -> Routed:
@@ -144,10 +170,22 @@ class ChatService:
             raise bad_request(str(e), param="messages", code="unsupported_prompt") from None
         max_tokens = completion_budget(prepared.req, len(prompt), served.model.context_length,
                                        self.settings.default_max_tokens)
-        params = sampling_params(prepared.req, max_tokens)
+        params = sampling_params(prepared.req, max_tokens, self._grammar(served, prepared.output))
         images = tuple(self._image(served, source, prepared.req.visual_tokens, tenant, seen)
                        for source in conversation.images)
-        return Routed(served.name, decision, served, tuple(prompt), params, images)
+        return Routed(served.name, decision, served, tuple(prompt), params, images, prepared.output)
+
+    def _grammar(self, served: ServedModel, output: OutputPlan) -> GrammarSpec | None:
+        """The answer's grammar for this model, compiled now (here, off the loop and the engine thread,
+        so that a bad one is a 400 before any work; the engine finds it in the cache)."""
+        tools = output.tools
+        grammar = output.grammar or (served.model.tool_format.grammar(tools) if tools is not None else None)
+        if grammar is not None:
+            try:
+                served.engine.grammars.get(grammar, timeout=self.settings.request_timeout_s)
+            except GrammarError as e:
+                raise grammar_error(e, served.name, output.param) from None
+        return grammar
 
     def _decide(self, prepared: PreparedChat, tenant: str | None, seen: dict) -> RouteDecision:
         """The staged router over the images as the zero-shot model sees them (when one is served)."""
@@ -156,8 +194,9 @@ class ChatService:
         features = []
         if zero_shot is not None and conversation.images:
             features = [self._features(zero_shot, source, None, tenant, seen).features for source in conversation.images]
-        candidates = self.candidates(conversation) if target is None else [target.name]
-        stage1 = target is None or (zero_shot is not None and target is zero_shot)
+        candidates = self.candidates(conversation, prepared.output) if target is None else [target.name]
+        # stage 1 answers with a label, which no answer format asked for
+        stage1 = not prepared.output.constrained and (target is None or (zero_shot is not None and target is zero_shot))
         decision = self.router.decide(features, conversation.question, candidates, stage1=stage1)
         if self.metrics is not None:
             self.metrics.record_route(decision.model or (target.name if target else ""), decision.route)
@@ -201,6 +240,8 @@ class ChatService:
                 yield out
         except PromptRejected as e:
             raise bad_request(str(e), param="messages", code="context_length_exceeded") from None
+        except GrammarError as e:  # could not go on under its grammar mid-answer
+            raise grammar_error(e, routed.model, routed.output.param if routed.output else None) from None
         except ValueError as e:  # the family refused the images the prompt places (e.g. a template without them)
             raise bad_request(str(e), param="messages", code="unsupported_prompt") from None
 
@@ -243,11 +284,16 @@ class ChatService:
         common = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=routed.model,
                       usage=Usage(final.prompt_tokens, final.completion_tokens,
                                   final.prompt_tokens + final.completion_tokens))
-        message = AssistantMessage(final.text)
+        message, finish = final_message(routed.output, self._tool_format(routed), final)
+        cut = incomplete(routed.output, final)
         if req.return_token_ids:
-            choice = ChoiceWithTokens(0, message, final.finish_reason, token_ids=list(final.token_ids))
+            choice = ChoiceWithTokens(0, message, finish, incomplete_details=cut, token_ids=list(final.token_ids))
             return ChatCompletionWithTokens(choices=[choice], prompt_token_ids=list(routed.prompt), **common), routed
-        return ChatCompletion(choices=[Choice(0, message, final.finish_reason)], **common), routed
+        return ChatCompletion(choices=[Choice(0, message, finish, incomplete_details=cut)], **common), routed
+
+    @staticmethod
+    def _tool_format(routed: Routed):
+        return routed.served.model.tool_format if routed.served is not None else None
 
     async def start_stream(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
                            tenant: str | None = None) -> tuple[AsyncIterator[bytes], Routed]:
@@ -267,20 +313,24 @@ class ChatService:
                       deadline: float, on_usage: UsageHook | None) -> AsyncIterator[bytes]:
         chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), routed.model
 
-        def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, choices=True) -> bytes:
+        def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, choices=True,
+                  cut=msgspec.UNSET) -> bytes:
             # With include_usage every chunk carries `usage` (null until the last); without, none does.
             return _sse(ChatCompletionChunk(chunk_id, created, model,
-                                            [ChunkChoice(0, delta, finish)] if choices else [],
+                                            [ChunkChoice(0, delta, finish, incomplete_details=cut)] if choices else [],
                                             usage if include_usage else msgspec.UNSET))
 
         yield chunk(Delta(role="assistant", content=""))
         final = None
+        answer = StreamedAnswer(routed.output, self._tool_format(routed))
         try:
             async with asyncio.timeout_at(deadline):
                 async for out in self._outputs(prepared, routed):
                     final = out
-                    if out.delta_text or out.finished:
-                        yield chunk(Delta(content=out.delta_text) if out.delta_text else Delta(), out.finish_reason)
+                    for delta in answer.deltas(out):
+                        yield chunk(delta)
+                    if out.finished:
+                        yield chunk(Delta(), answer.finish_reason(out), cut=incomplete(routed.output, out))
         except TimeoutError:
             yield self._error_event(self._timeout(), model)
         except APIError as e:

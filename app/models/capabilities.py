@@ -14,8 +14,11 @@ class Capabilities:
     text_only: bool  # conversations with no image at all
     embeddings: bool  # /v1/embeddings: contrastive image and text latents in one space
     zero_shot: bool  # /v1/classify and the router's stage 1: labels scored against an image
+    structured_output: bool = False  # response_format / guided_*: its tokens' surface forms are declared
+    tools: bool = False  # tools and tool messages: its chat template has a tool format, and a call format
 
     def summary(self) -> list[str]:
         """What /v1/models lists for the model."""
-        names = [n for n in ("questions", "captions", "text_only", "embeddings", "zero_shot") if getattr(self, n)]
+        names = [n for n in ("questions", "captions", "text_only", "embeddings", "zero_shot", "structured_output",
+                             "tools") if getattr(self, n)]
         return names + ([f"images:{self.max_images}"] if self.max_images else [])

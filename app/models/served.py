@@ -57,7 +57,7 @@ class ServedModel:
             if metrics is not None and isinstance(error, (MemoryError, torch.OutOfMemoryError)):
                 metrics.record_oom(name)
 
-        engine = Engine(self._decoder(), self.model.tokenizer, self.model.stop_ids, config)
+        engine = Engine(self._decoder(), self.model.tokenizer, self.model.stop_ids, config, self.model.vocabulary)
         on_step = (lambda _, outputs: metrics.observe_engine_step(name, outputs)) if metrics is not None else None
         self.engine = AsyncEngine(engine, on_step=on_step, on_error=on_error)
         if metrics is not None:

@@ -12,6 +12,8 @@ from typing import Protocol
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
+from llm.grammar.spec import Vocabulary
+
 PAD, SOT, EOT, SEP, UNK = "<pad>", "<sot>", "<eot>", "<sep>", "<unk>"
 SPECIAL_TOKENS = (PAD, SOT, EOT, SEP, UNK)  # ids 0..4 in this order
 _SPACE_BEFORE_PUNCT = re.compile(r" ([?.,:!;])")
@@ -34,6 +36,9 @@ class CoCaTokenizer(TextTokenizer, Protocol):
     sot_id: int
     eot_id: int
     sep_id: int | None
+
+    def vocabulary(self) -> Vocabulary | None:
+        """Each token's surface form in `decode`'s text (llm/grammar), or None when it has none to give."""
 
 
 @dataclass
@@ -70,6 +75,19 @@ class WordTokenizer:
         words = [self.hf.id_to_token(i) for i in ids if i not in self._special_ids]
         return _SPACE_BEFORE_PUNCT.sub(r"\1", " ".join(w for w in words if w is not None))
 
+    def vocabulary(self) -> Vocabulary:
+        """What each token spells in `decode`'s text: words joined by spaces, no space before the
+        punctuation `_SPACE_BEFORE_PUNCT` names; so " red", "?", and the first word's space dropped.
+        The special tokens and <unk> spell nothing a grammar may ask for."""
+        surfaces: list[bytes | None] = []
+        for i in range(self.vocab_size):
+            word = self.hf.id_to_token(i)
+            if i in self._special_ids or i == self.unk_id or word is None:
+                surfaces.append(None)
+            else:
+                surfaces.append((word if _SPACE_BEFORE_PUNCT.fullmatch(" " + word) else " " + word).encode())
+        return Vocabulary(tuple(surfaces), drops_leading_space=True)
+
 
 class OpenClipBPETokenizer:
     """open_clip's CLIP BPE tokenizer; its vocabulary file ships inside the open_clip package."""
@@ -90,3 +108,7 @@ class OpenClipBPETokenizer:
     def decode(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in (self.sot_id, self.eot_id, self.pad_id)]
         return self._tok.decode(ids).strip()
+
+    def vocabulary(self) -> None:
+        """None: `decode` strips the text and open_clip's checkpoints only caption, so no grammar is offered."""
+        return None

@@ -13,8 +13,10 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from app.chat.conversation import Conversation
+from app.chat.tools import JsonToolCalls
 from app.models.capabilities import Capabilities
 from app.models.contrastive import ContrastiveTowers
+from llm.grammar.spec import Vocabulary
 from llm.loading.tokenizers import TextTokenizer
 from vision.encoders.base import ImageEncoder
 
@@ -34,6 +36,8 @@ class FamilyModel(Protocol):
     decoder: torch.nn.Module  # llm.models.interfaces.DecoderModel
     tokenizer: TextTokenizer
     stop_ids: tuple[int, ...]  # end-of-turn ids
+    vocabulary: Vocabulary | None  # each token's surface form, for grammars; None: no structured output
+    tool_format: JsonToolCalls | None  # how it writes a tool call; None: no tool calling
     contrastive: ContrastiveTowers | None
 
     @property

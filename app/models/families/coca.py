@@ -109,9 +109,12 @@ class CoCaModel:
         chat = spec.prompt_format == "qa-chat"
         self.format = ChatFormat(self.tokenizer) if chat else CaptionOnlyFormat(self.tokenizer)
         self.stop_ids = self.format.stop_ids
+        self.vocabulary = self.tokenizer.vocabulary()
+        self.tool_format = None  # the demo's prompt format has no place for tools
         self.contrastive = CoCaTextTower(loaded.model, self.tokenizer, spec.extra.get("label_prompt", "{label}"))
         self.capabilities = Capabilities(questions=chat, captions=True, max_images=1, text_only=False,
-                                         embeddings=True, zero_shot=True)
+                                         embeddings=True, zero_shot=True,
+                                         structured_output=self.vocabulary is not None, tools=False)
         self._zero_shot: ZeroShot | None = None
 
     @classmethod

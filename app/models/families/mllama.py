@@ -8,14 +8,18 @@ lays it out.
          HFChatTokenizer (llm/loading/chat_template.py), stop ids from the generation config
 
 Several images per conversation, in any user turn, and text-only conversations; no contrastive towers
-(no embeddings, no zero-shot labels).
+(no embeddings, no zero-shot labels). Tool calling in Llama 3.1/3.2's JSON format (app/chat/tools.py),
+tools and tool results through the checkpoint's own template; structured outputs over its byte-level
+BPE vocabulary.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from app.chat.conversation import Conversation, ImageRef
+from app.chat.conversation import Conversation, ImageRef, Message
+from app.chat.tools import JsonToolCalls
 from app.models.capabilities import Capabilities
 from app.models.families.base import PromptError
 from llm.loading.chat_template import HFChatTokenizer
@@ -51,8 +55,11 @@ class MllamaModel:
         if self.tokenizer.token_id("<|image|>") not in (None, image_token):
             raise ModelDirError(f"{path}: the tokenizer's <|image|> is not config.json's image_token_index "
                                 f"{image_token}")
+        self.vocabulary = self.tokenizer.vocabulary()
+        self.tool_format = JsonToolCalls()
         self.capabilities = Capabilities(questions=True, captions=True, max_images=MAX_IMAGES, text_only=True,
-                                         embeddings=False, zero_shot=False)
+                                         embeddings=False, zero_shot=False,
+                                         structured_output=self.vocabulary is not None, tools=True)
 
     @classmethod
     def load(cls, path: Path, max_context: int | None = None) -> "MllamaModel":
@@ -72,21 +79,32 @@ class MllamaModel:
 
     def chat_prompt(self, conversation: Conversation) -> list[int]:
         """The checkpoint's own chat template over transformers' message dicts: images as
-        {"type": "image"} parts where the client put them, so the template writes <|image|> there."""
-        messages = []
-        for message in conversation.messages:
-            if message.role == "user":
-                content = [{"type": "image"} if isinstance(p, ImageRef) else {"type": "text", "text": p}
-                           for p in message.parts]
-                messages.append({"role": "user", "content": content})
-            else:
-                messages.append({"role": message.role, "content": message.text})
+        {"type": "image"} parts where the client put them, so the template writes <|image|> there; an
+        assistant's tool calls with their arguments as objects (the template writes them as JSON); the
+        tools offered as `tools`."""
+        messages = [self._message(m, bool(conversation.tools)) for m in conversation.messages]
         try:
-            ids = self.tokenizer.render(messages)
+            ids = self.tokenizer.render(messages, list(conversation.tools))
         except Exception as e:  # noqa: BLE001 - a template's own raise_exception(...) says why
             raise PromptError(f"the chat template refused the conversation: {e}") from None
         marks = ids.count(self.decoder.cfg.image_token_id)
         if marks != len(conversation.images):
+            hint = (" (Llama 3.2's template writes the tools into the first user message as text: put the images "
+                    "in a later user message)" if conversation.tools else "")
             raise PromptError(f"the chat template placed {marks} <|image|> tokens for {len(conversation.images)} "
-                              f"images")
+                              f"images{hint}")
         return ids
+
+    @staticmethod
+    def _message(message: Message, tools: bool) -> dict:
+        if message.tool_calls:
+            return {"role": "assistant", "content": message.text,
+                    "tool_calls": [{"id": c.id, "type": "function",
+                                    "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                                   for c in message.tool_calls]}
+        if message.role != "user":
+            return {"role": message.role, "content": message.text}
+        if tools and not message.images:  # the template reads the first user message as a string when tools are given
+            return {"role": "user", "content": message.text}
+        return {"role": "user", "content": [{"type": "image"} if isinstance(p, ImageRef) else {"type": "text", "text": p}
+                                            for p in message.parts]}
