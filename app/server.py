@@ -26,7 +26,7 @@ from app.chat.controller import ChatController
 from app.chat.service import ChatService
 from app.embeddings.controller import ClassifyController, EmbeddingsController
 from app.embeddings.service import EmbeddingService
-from app.errors import EXCEPTION_HANDLERS
+from app.errors import EXCEPTION_HANDLERS, document_errors
 from app.files.controller import files_router
 from app.health.controller import HealthController
 from app.health.metrics_controller import MetricsController
@@ -140,4 +140,5 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     # The request id wraps litestar's own handler (router and exception handling), not the routes: a
     # path or method no route serves (404, 405) gets its id too, in the header and the error body.
     app.asgi_handler = RequestIdMiddleware(app.asgi_handler)
+    document_errors(app)
     return app
