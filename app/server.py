@@ -40,13 +40,15 @@ from app.models.served import ServedModel
 from app.request_id import RequestIdMiddleware
 from app.routing.staged import StagedRouter
 from app.settings import Settings
+from llm.hardware import resolve_dtype
 
 LoadedModels = list[tuple[ModelEntry, FamilyModel]]
 
 
 def load_models(settings: Settings) -> LoadedModels:
     """Every entry's checkpoint, loaded (raises ModelDirError / ModelEntryError naming the problem)."""
-    return [(entry, load_family_model(entry.path, entry.family, settings.max_model_len or None))
+    return [(entry, load_family_model(entry.path, entry.family, settings.max_model_len or None,
+                                      resolve_dtype(entry.dtype or settings.dtype)))
             for entry in settings.model_entries()]
 
 

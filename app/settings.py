@@ -13,6 +13,8 @@ from typing import Mapping
 
 from app.models.entry import ModelEntry, load_models_file, memory_shares, parse_model_flag
 from llm.engine import EngineConfig
+from llm.hardware import DTYPE_SETTINGS
+from llm.kv_cache import KV_CACHE_DTYPES
 from vision.fetch import FetchPolicy, parse_allowed_hosts
 from vision.intake import IntakeLimits
 from vision.stage import VisionStageConfig, parse_visual_tokens
@@ -45,8 +47,12 @@ class Settings:
     kv_block_size: int = 16  # tokens per KV-cache block
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_num_batched_tokens: int = 1024  # tokens per step, prefill chunks and decodes together
-    kv_dtype: str = ""  # "" = the model's dtype; "bfloat16" halves the pool
-    dtype: str = "float32"  # the decoder's weights: float32, or bfloat16 (GPUs; CPUs with bf16 matmul units)
+    # Weights and activations of the decoders and vision towers: auto = bfloat16 where the CPU multiplies
+    # bf16 natively (AVX512_BF16 / AMX / Arm BF16) and on CUDA, float32 otherwise (llm/hardware.py).
+    dtype: str = "auto"
+    # Both K/V pools (self-attention and image K/V): auto = the model's dtype; int8 = asymmetric int8 with
+    # a scale and zero point per token and head (llm/kv_cache.py), ~1.9x the tokens of bf16 in the same bytes.
+    kv_cache_dtype: str = "auto"
     # torch.compile decode steps: ~20% faster single-stream decoding on a CPU, but each new step shape
     # compiles first (~30-60 s on 2 cores, in the engine thread), so it is off unless asked for.
     compile_decode: bool = False
@@ -107,10 +113,11 @@ class Settings:
                      "default_max_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"setting {name} must be positive, got {getattr(self, name)}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"setting dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
-        if self.kv_dtype not in ("", "float32", "bfloat16", "float16"):
-            raise ValueError(f"setting kv_dtype must be one of '', float32, bfloat16, float16; got {self.kv_dtype!r}")
+        if self.dtype not in DTYPE_SETTINGS:
+            raise ValueError(f"setting dtype must be one of {', '.join(DTYPE_SETTINGS)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"setting kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"setting port must be in 1..65535, got {self.port}")
         if self.threads < 0 or self.request_timeout_s <= 0:
@@ -142,7 +149,7 @@ class Settings:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(block_size=self.kv_block_size, kv_cache_bytes=self.kv_cache_bytes,
                             cross_cache_bytes=self.cross_cache_bytes, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens, kv_dtype=self.kv_dtype or None,
+                            max_num_batched_tokens=self.max_num_batched_tokens, kv_cache_dtype=self.kv_cache_dtype,
                             compile_decode=self.compile_decode)
 
     def model_entries(self) -> list[ModelEntry]:
