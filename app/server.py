@@ -44,6 +44,7 @@ from app.models.served import ServedModel
 from app.request_id import RequestIdMiddleware
 from app.routing.staged import StagedRouter
 from app.settings import Settings
+from app.tenancy.audit import open_audit_log
 
 LoadedModels = list[tuple[ModelEntry, FamilyModel]]
 
@@ -85,11 +86,13 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
         models = [(ModelEntry("", settings.model), models)]
     # Guards and observability exist before the lifespan runs: middleware and the SIGTERM drain use them.
     metrics, access, readiness = Metrics(), KeyAccess.from_settings(settings), Readiness()
+    audit = open_audit_log(settings)  # AuditWriter: `audit.write(record)`, shared by a host's workers
     admission = AdmissionControl(settings.max_concurrent_requests, settings.max_queued_requests)
     metrics.watch_admission(lambda: admission.active, lambda: admission.waiting)
     registry = build_registry(settings, models)
     router = build_router(settings, registry)
-    canary = CanaryControl(registry, canary_policies(settings), settings, metrics)
+    canary = CanaryControl(registry, canary_policies(settings), settings, metrics,
+                           on_event=lambda event: audit.write({"kind": "canary", **event}))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -132,9 +135,11 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
             "access": Provide(lambda: access, sync_to_thread=False),
             "readiness": Provide(lambda: readiness, sync_to_thread=False),
             "canary": Provide(lambda: canary, sync_to_thread=False),
+            "audit": Provide(lambda: audit, sync_to_thread=False),
         },
         lifespan=[lifespan],
-        state=State({"metrics": metrics, "readiness": readiness, "registry": registry, "canary": canary}),
+        state=State({"metrics": metrics, "readiness": readiness, "registry": registry, "canary": canary,
+                     "audit": audit}),
         # Outermost first: metrics see every answer, the key is checked before a request takes a slot.
         middleware=[DefineMiddleware(MetricsMiddleware, metrics=metrics),
                     DefineMiddleware(AuthMiddleware, access=access, metrics=metrics),

@@ -6,6 +6,7 @@ decoder raises, one that is slow) — tests/faulty.py injects the fault, nothing
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -20,6 +21,7 @@ from app.chat.schemas import ChatMessage
 from app.models.entry import ModelEntry, ModelEntryError, parse_model_flag
 from app.server import create_app
 from app.settings import BUNDLED_MODEL, Settings
+from app.tenancy.audit import verify as verify_chain
 from tests.conftest import data_url
 from tests.faulty import Fault, faulty_demo
 from tests.independent_world import Obj, Scene, render
@@ -43,8 +45,14 @@ def fault():
 
 
 @pytest.fixture(scope="module")
-def client(demo_runtime, fault):
-    settings = Settings(router_enabled=False, canary=("demo@v2=0.3",), canary_min_samples=MIN_SAMPLES,
+def audit_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("audit") / "audit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def client(demo_runtime, fault, audit_path):
+    settings = Settings(router_enabled=False, audit_log=str(audit_path), canary=("demo@v2=0.3",),
+                        canary_min_samples=MIN_SAMPLES,
                         canary_window_s=600, canary_max_p95_ratio=3.0, canary_p95_slack_s=0.2,
                         canary_shadow_max_in_flight=64)
     models = [(ModelEntry("demo", BUNDLED_MODEL, version="v1"), demo_runtime),
@@ -239,6 +247,16 @@ def test_a_slow_canary_is_rolled_back_automatically(client, fault):
     status = client.get("/v1/admin/models/demo/canary").json()
     assert "p95 latency" in status["rollback"]["reason"] and status["weight"] == 0
     assert metric(client, 'mmserve_rollbacks_total{model="demo",trigger="auto"}') == 2
+
+
+def test_every_change_and_rollback_is_in_the_audit_log(client, audit_path):
+    records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    canary = [r for r in records if r.get("kind") == "canary"]
+    rollbacks = [(r["by"], r["reason"].split(" ")[0]) for r in canary if r["event"] == "canary_rollback"]
+    assert rollbacks == [("anonymous", "bad"), ("auto", "error"), ("auto", "p95")]
+    updates = [r for r in canary if r["event"] == "canary_update"]
+    assert updates and all(r["model"] == "demo" and r["version"] == "v2" and "weight" in r for r in updates)
+    assert verify_chain(audit_path).ok
 
 
 def test_the_admin_api_names_what_is_wrong(client):

@@ -26,7 +26,8 @@ ENCODE_S = 0.6  # the large model's encoder is this much slower per call: reques
 @pytest.fixture(scope="module")
 def client(demo_runtime):
     settings = Settings(router_enabled=False, router_small_model="small", router_large_model="big",
-                        router_policy_labels="a green triangle", max_concurrent_requests=1, max_queued_requests=4,
+                        audit_log="off", router_policy_labels="a green triangle", max_concurrent_requests=1,
+                        max_queued_requests=4,
                         degrade_visual_tokens_waiting=1, degrade_small_model_waiting=2, degrade_visual_tokens="0.25")
     models = [(ModelEntry("big", BUNDLED_MODEL), slowed(CoCaModel.from_dir(BUNDLED_MODEL), ENCODE_S, 0.0)),
               (ModelEntry("small", BUNDLED_MODEL), demo_runtime)]
@@ -55,7 +56,8 @@ def test_fewer_visual_tokens_then_the_small_model_then_429(client):
     def send(i: int) -> None:
         results[i] = client.post("/v1/chat/completions", json={
             "model": "big", "max_tokens": 4, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": images[i]}}, {"type": "text", "text": "what color is it?"}]}]})
+                {"type": "image_url", "image_url": {"url": images[i]}},
+                {"type": "text", "text": "what color is it?"}]}]})
 
     threads = []
     for i, (name, value) in enumerate([("mmserve_admission_active", 1)] + [("mmserve_admission_queue_depth", n)

@@ -31,7 +31,7 @@ from llm.scheduler import PromptRejected
 from vision.intake import ImageError
 
 log = logging.getLogger("mmserve")
-CanaryEvent = dict  # {"event": "canary_update" | "canary_rollback", "model", "by", ...}: for the audit log
+CanaryEvent = dict  # {"event": "canary_update" | "canary_rollback", "model", "version", "by", ...}: the audit log
 
 
 def counts_as_error(error: BaseException | None) -> bool | None:

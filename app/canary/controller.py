@@ -71,13 +71,14 @@ class CanaryController(Controller):
         return CanaryList([_status(canary.status(name)) for name in canary.names()])
 
     @get("/models/{name:str}/canary", summary="A model's canary: weight, mode, state, both versions' windows")
-    async def get_canary(self, name: FromPath[str], canary: NamedDependency[CanaryControl], request: Request) -> CanaryStatus:
+    async def get_canary(self, name: FromPath[str], canary: NamedDependency[CanaryControl],
+                         request: Request) -> CanaryStatus:
         require_admin(request)
         return _status(canary.status(name))
 
     @put("/models/{name:str}/canary", summary="Set the canary's weight and/or mode, at once")
-    async def set_canary(self, name: FromPath[str], data: JSONBody[CanaryUpdate], canary: NamedDependency[CanaryControl],
-                         request: Request) -> CanaryStatus:
+    async def set_canary(self, name: FromPath[str], data: JSONBody[CanaryUpdate],
+                         canary: NamedDependency[CanaryControl], request: Request) -> CanaryStatus:
         actor = require_admin(request)
         if data.weight is None and data.mode is None:
             raise bad_request("nothing to change: send weight (0..1) and/or mode (split or shadow)", param="weight")
