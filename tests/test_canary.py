@@ -270,3 +270,19 @@ def test_the_admin_api_names_what_is_wrong(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "weigth"
     listed = client.get("/v1/admin/canaries").json()["data"]
     assert [c["model"] for c in listed] == ["demo"]
+
+
+def test_the_cli_sets_and_rolls_back_through_the_admin_api(client):
+    from app.canary.cli import canary_request
+    from app.cli import build_parser
+
+    def run(*argv):
+        response = canary_request(client, build_parser().parse_args(["canary", *argv]))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert run("set", "demo", "--weight", "0.25", "--mode", "split")["weight"] == 0.25
+    assert run("status", "demo")["state"] == "active"
+    rolled = run("rollback", "demo", "--reason", "from the cli")
+    assert (rolled["state"], rolled["weight"], rolled["rollback"]["reason"]) == ("rolled_back", 0.0, "from the cli")
+    assert [c["state"] for c in run("status")["data"]] == ["rolled_back"]
