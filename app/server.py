@@ -22,8 +22,12 @@ from app.admission import AdmissionControl, AdmissionMiddleware
 from app.auth import AuthMiddleware, KeyAccess
 from app.batches.controller import BatchesController
 from app.batches.service import BatchService
+from app.canary.control import CanaryControl
+from app.canary.controller import CanaryController
+from app.canary.policy import canary_policies
 from app.chat.controller import ChatController
 from app.chat.service import ChatService
+from app.degrade import degrade_level
 from app.embeddings.controller import ClassifyController, EmbeddingsController
 from app.embeddings.service import EmbeddingService
 from app.errors import EXCEPTION_HANDLERS, document_errors
@@ -89,14 +93,16 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     metrics.watch_admission(lambda: admission.active, lambda: admission.waiting)
     registry = build_registry(settings, models)
     router = build_router(settings, registry)
+    canary = CanaryControl(registry, canary_policies(settings), settings, metrics,
+                           on_event=lambda event: audit.write({"kind": "canary", **event}))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        for served in registry:
+        for served in registry.versions():
             served.start(metrics)
-        app.state.chat = ChatService(registry, router, settings, metrics)
+        app.state.chat = ChatService(registry, router, settings, metrics, canary)
         app.state.embeddings = EmbeddingService(registry, settings)
         warming = asyncio.create_task(warm_up(readiness, app.state.chat, app.state.embeddings))
         app.state.batches = BatchService(settings, app.state.chat)
@@ -106,7 +112,8 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
         finally:
             warming.cancel()
             await app.state.batches.stop()  # before the engines: lines in flight stay pending, rerun next start
-            for served in registry:
+            await app.state.chat.shadows.close()
+            for served in registry.versions():
                 served.stop()
 
     def provide_chat(state: State) -> ChatService:
@@ -120,7 +127,7 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
 
     app = Litestar(
         route_handlers=[ChatController, HealthController, ModelsController, EmbeddingsController, ClassifyController,
-                        MetricsController, files_router(settings), BatchesController],
+                        MetricsController, files_router(settings), BatchesController, CanaryController],
         dependencies={
             "chat": Provide(provide_chat, sync_to_thread=False),
             "embeddings": Provide(provide_embeddings, sync_to_thread=False),
@@ -129,15 +136,18 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
             "metrics": Provide(lambda: metrics, sync_to_thread=False),
             "access": Provide(lambda: access, sync_to_thread=False),
             "readiness": Provide(lambda: readiness, sync_to_thread=False),
+            "canary": Provide(lambda: canary, sync_to_thread=False),
             "audit": Provide(lambda: audit, sync_to_thread=False),
         },
         lifespan=[lifespan],
-        state=State({"metrics": metrics, "readiness": readiness, "registry": registry, "audit": audit}),
+        state=State({"metrics": metrics, "readiness": readiness, "registry": registry, "canary": canary,
+                     "audit": audit}),
         # Outermost first: metrics see every answer, the key is checked before a request takes a slot.
         middleware=[DefineMiddleware(MetricsMiddleware, metrics=metrics),
                     DefineMiddleware(AuthMiddleware, access=access, metrics=metrics),
                     DefineMiddleware(AdmissionMiddleware, admission=admission, metrics=metrics,
-                                     retry_after_s=settings.overload_retry_after_s)],
+                                     retry_after_s=settings.overload_retry_after_s,
+                                     degrade_level=lambda ahead: degrade_level(settings, ahead))],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="mmserve", version="0.1.0"),

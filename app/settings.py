@@ -99,6 +99,23 @@ class Settings:
     max_file_bytes: int = 64 * 1024 * 1024  # one uploaded batch input file (POST /v1/files)
     max_batch_requests: int = 50_000  # lines per batch input file (OpenAI's limit)
     batch_concurrency: int = 4  # batch lines in flight at once; the engine's other slots stay for chat
+    # Canary versions (app/canary/): two versions of one model name, a sticky weighted split or a shadow copy,
+    # and automatic rollback when the canary does worse than the stable version over a sliding window.
+    canary: tuple[str, ...] = ()  # NAME@VERSION=WEIGHT or NAME@VERSION=shadow:WEIGHT (the CLI's --canary)
+    canary_stickiness: str = "conversation"  # "conversation": key + first user message; "key": the key alone
+    canary_auto_rollback: bool = True
+    canary_window_s: float = 120.0  # the sliding window both versions' outcomes are compared over
+    canary_window_max_samples: int = 2000  # per version; the oldest go first
+    canary_min_samples: int = 20  # canary requests in the window before any verdict
+    canary_max_error_rate_delta: float = 0.05  # roll back when canary errors > stable's + this (absolute)
+    canary_max_p95_ratio: float = 1.5  # roll back when canary p95 > stable's p95 x this + the slack
+    canary_p95_slack_s: float = 0.05  # absolute slack on the p95 comparison (tiny latencies are noise)
+    canary_shadow_max_in_flight: int = 4  # shadow copies running at once; past it, a copy is skipped
+    # Degradation under overload (app/degrade.py), before refusal: a request that finds this many model
+    # requests waiting ahead of it is served with fewer visual tokens, then by the small model; 0 = step off.
+    degrade_visual_tokens_waiting: int = 64
+    degrade_visual_tokens: str = "0.25"  # what a degraded request's images get (a count or a ratio)
+    degrade_small_model_waiting: int = 128  # needs router_small_model (the step is skipped without one)
     # Tenancy (app/tenancy/): the key store, persisted quotas and the audit log. Paths are settings so that
     # every worker (and every Ray replica) on a host can point at the same files.
     keys_db: str = ""  # "" = data_dir / "keys.sqlite3"
@@ -160,11 +177,29 @@ class Settings:
                 raise ValueError(f"setting {name} must be >= {least}, got {getattr(self, name)}")
         if self.remote_image_timeout_s <= 0:
             raise ValueError(f"setting remote_image_timeout_s must be > 0, got {self.remote_image_timeout_s}")
+        self._check_canary_and_degradation()
         try:  # the host list, the default visual_tokens and the reduction method, checked at start
             self.vision_stage_config  # noqa: B018
         except ValueError as error:
             raise ValueError(f"vision settings (remote_image_hosts, visual_tokens, visual_token_reduction): "
                              f"{error}") from None
+
+    def _check_canary_and_degradation(self) -> None:
+        object.__setattr__(self, "canary", tuple(self.canary))
+        if self.canary_stickiness not in ("conversation", "key"):
+            raise ValueError(f"setting canary_stickiness must be conversation or key, got {self.canary_stickiness!r}")
+        for name, least in (("canary_window_s", 1e-3), ("canary_window_max_samples", 1), ("canary_min_samples", 1),
+                            ("canary_max_error_rate_delta", 0), ("canary_max_p95_ratio", 1), ("canary_p95_slack_s", 0),
+                            ("canary_shadow_max_in_flight", 1), ("degrade_visual_tokens_waiting", 0),
+                            ("degrade_small_model_waiting", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"setting {name} must be >= {least}, got {getattr(self, name)}")
+        first, then = self.degrade_visual_tokens_waiting, self.degrade_small_model_waiting
+        if first and then and first > then:
+            raise ValueError(f"degradation goes fewer visual tokens first, then the small model: setting "
+                             f"degrade_visual_tokens_waiting ({first}) must be <= degrade_small_model_waiting ({then})")
+        if first and parse_visual_tokens(self.degrade_visual_tokens) is None:
+            raise ValueError("setting degrade_visual_tokens must name fewer tokens (a count or a ratio), got ''")
 
     @property
     def engine_config(self) -> EngineConfig:

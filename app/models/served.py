@@ -38,6 +38,7 @@ class ServedModel:
         self.name = entry.name or model.name
         self.aliases = entry.aliases
         self.version = entry.version or model.weights_digest[:12]
+        self.label = self.name  # metrics and disk cache; the registry makes it NAME@VERSION for two versions
         self.capabilities = model.capabilities
         self.created = int(time.time())
         self.engine: AsyncEngine | None = None
@@ -52,7 +53,7 @@ class ServedModel:
         config = self.settings.engine_config
         config = replace(config, kv_cache_bytes=max(1, int(config.kv_cache_bytes * self.share)),
                          cross_cache_bytes=int(config.cross_cache_bytes * self.share))
-        name = self.name
+        name = self.label
 
         def on_error(error: Exception) -> None:
             if metrics is not None and isinstance(error, (MemoryError, torch.OutOfMemoryError)):
@@ -77,7 +78,7 @@ class ServedModel:
         base = self.settings.vision_stage_config
         visual_tokens = (parse_visual_tokens(self.entry.visual_tokens) if self.entry.visual_tokens is not None
                          else base.default_visual_tokens)
-        disk = str(Path(base.disk_dir) / _UNSAFE.sub("_", self.name)) if base.disk_dir else None
+        disk = str(Path(base.disk_dir) / _UNSAFE.sub("_", self.label)) if base.disk_dir else None
         return replace(base, hot_bytes=int(base.hot_bytes * self.share), disk_dir=disk,
                        disk_bytes=max(1, int(base.disk_bytes * self.share)), default_visual_tokens=visual_tokens)
 
