@@ -10,6 +10,7 @@ from pathlib import Path
 from app.chat.conversation import Conversation
 from app.models.capabilities import Capabilities
 from app.models.families.base import PromptError
+from llm.loading.chat_format import CAPTION_QUESTION
 from llm.loading.errors import ModelDirError
 from llm.loading.hf import read_json
 
@@ -19,14 +20,16 @@ CAPTIONER = Capabilities(questions=False, captions=True, max_images=1, text_only
 
 
 def caption_prompt_text(conversation: Conversation) -> str:
-    """The one user message's text ("" asks for a plain caption); system messages are skipped."""
+    """The one user message's text ("" asks for a plain caption, as does the generic caption question
+    the router and `mmserve caption` send); system messages are skipped."""
     turns = [m for m in conversation.messages if m.role != "system"]
     if len(turns) != 1 or turns[0].role != "user":
         raise PromptError("this model captions one image: send one user message with the image and an optional "
                           "text prefix or task prompt (no earlier turns)")
     if turns[0].images != 1:
         raise PromptError(f"this model captions exactly one image per request, got {turns[0].images}")
-    return turns[0].text
+    text = turns[0].text
+    return "" if text.lower() == CAPTION_QUESTION.lower() else text  # the generic caption request: no prefix
 
 
 def generation_value(path: Path, config: dict, key: str, *sections: str) -> int | list[int] | None:
