@@ -2,6 +2,7 @@
 
     coca    config.json with a "coca" section (the mmserve format), or open_clip_config.json
     mllama  config.json naming MllamaForConditionalGeneration (a Hugging Face directory)
+    florence2  config.json naming Florence2ForConditionalGeneration (a Hugging Face directory)
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from pathlib import Path
 
 from app.models.families.base import FamilyModel, PromptError
 from app.models.families.coca import CoCaModel
+from app.models.families.florence2 import Florence2Model
 from app.models.families.mllama import MllamaModel
 from llm.loading.errors import ModelDirError
 from llm.loading.hf import read_config
 
-FAMILIES = {"coca": CoCaModel, "mllama": MllamaModel}
-DESCRIBED = "coca (mmserve or open_clip CoCa format), mllama (MllamaForConditionalGeneration)"
+FAMILIES = {"coca": CoCaModel, "mllama": MllamaModel, "florence2": Florence2Model}
+DESCRIBED = ("coca (mmserve or open_clip CoCa format), mllama (MllamaForConditionalGeneration), "
+             "florence2 (Florence2ForConditionalGeneration)")
 
 __all__ = ["FAMILIES", "FamilyModel", "PromptError", "detect_family", "load_family_model"]
 
