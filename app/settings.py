@@ -93,6 +93,9 @@ class Settings:
     max_file_bytes: int = 64 * 1024 * 1024  # one uploaded batch input file (POST /v1/files)
     max_batch_requests: int = 50_000  # lines per batch input file (OpenAI's limit)
     batch_concurrency: int = 4  # batch lines in flight at once; the engine's other slots stay for chat
+    # Workers sharing the store (replicas): a batch is leased to one; a dead one's batch is taken over at expiry.
+    batch_lease_s: float = 30.0  # renewed every third of it while the batch runs
+    batch_poll_s: float = 2.0  # how often an idle worker looks for batches made or left by other workers
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
@@ -103,6 +106,9 @@ class Settings:
         for name in ("max_file_bytes", "max_batch_requests", "batch_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_lease_s", "batch_poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"setting {name} must be > 0, got {getattr(self, name)}")
         for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                      "default_max_tokens"):
             if getattr(self, name) <= 0:
