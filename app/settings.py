@@ -132,6 +132,9 @@ class Settings:
     audit_max_bytes: int = 64 * 1024 * 1024  # rotate past this size (FILE.000001, .000002, ...)
     audit_content: bool = False  # also record prompt text and image data: URLs (off: digests and counts only)
     audit_fsync: bool = False  # fsync each record (survives a power cut, not only a killed process; slower)
+    # Workers sharing the store (replicas): a batch is leased to one; a dead one's batch is taken over at expiry.
+    batch_lease_s: float = 30.0  # renewed every third of it while the batch runs
+    batch_poll_s: float = 2.0  # how often an idle worker looks for batches made or left by other workers
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
@@ -142,6 +145,9 @@ class Settings:
         for name in ("max_file_bytes", "max_batch_requests", "batch_concurrency", "audit_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_lease_s", "batch_poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"setting {name} must be > 0, got {getattr(self, name)}")
         for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                      "default_max_tokens"):
             if getattr(self, name) <= 0:
