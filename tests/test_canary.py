@@ -27,7 +27,7 @@ from tests.faulty import Fault, faulty_demo
 from tests.independent_world import Obj, Scene, render
 
 URL = data_url(render(Scene("white", [Obj("circle", "red", "large", 64.0, 64.0, 50)])))
-SPLIT_N = 300
+SPLIT_N = 200
 MIN_SAMPLES = 5
 SLOW_S = 0.8  # a slow canary's extra time per decoder forward
 
@@ -143,7 +143,7 @@ def test_the_split_is_within_bounds_and_sticky(client):
         r, versions[i] = chat(client, body(user=f"user-{i}"))
         assert r.status_code == 200
     share = sum(v == "v2" for v in versions.values()) / SPLIT_N
-    assert 0.22 <= share <= 0.38, share  # 0.3 +- 3 sigma of 300 draws
+    assert 0.2 <= share <= 0.4, share  # 0.3 +- 3 sigma of 200 draws
     after = metric(client, 'mmserve_canary_requests_total{model="demo",outcome="ok",role="canary",version="v2"}')
     assert after - before == sum(v == "v2" for v in versions.values())
     for i in range(0, SPLIT_N, 15):  # the same end user, the same version

@@ -28,9 +28,9 @@ from dataclasses import dataclass, replace
 import msgspec
 from anyio import to_thread
 
-from app.canary.control import CanaryControl, Pick, counts_as_error
+from app.canary.control import CanaryControl
 from app.canary.shadow import ShadowRunner
-from app.canary.split import sticky_key
+from app.chat.versions import Versions
 from app.chat.capability import capability_problem
 from app.chat.answer import StreamedAnswer, final_message, incomplete
 from app.chat.conversation import Conversation, parse_messages
@@ -110,7 +110,7 @@ class ChatService:
     def __init__(self, registry: ModelRegistry, router: StagedRouter, settings: Settings,
                  metrics: Metrics | None = None, canary: CanaryControl | None = None) -> None:
         self.registry, self.router, self.settings, self.metrics = registry, router, settings, metrics
-        self.canary = canary
+        self.versions = Versions(canary, settings)
         self.shadows = ShadowRunner(settings.canary_shadow_max_in_flight, canary)
         self.degrade = Degrade(settings, registry, metrics)
         zero_shot = router.zero_shot_model if router.zero_shot is not None else None
@@ -160,30 +160,15 @@ class ChatService:
             answering = decision.model or (target.name if target is not None else self.registry.routed_alias)
             return Routed(answering, decision, degraded=prepared.degraded)
         served = target if prepared.pinned else self.registry.get(decision.model)
-        pick = None if prepared.pinned else self._pick(prepared, served, tenant)
+        pick = None if prepared.pinned else self.versions.pick(prepared, served, tenant)
         if pick is None:
             return self._inputs(prepared, decision, served, tenant, seen)
         try:
             routed = self._inputs(prepared, decision, pick.served, tenant, seen)
         except Exception as e:  # the version's own vision stage or template failed
-            self._observe(pick.served, pick.role, started, e)
+            self.versions.observe(pick.served, pick.role, started, e)
             raise
         return replace(routed, role=pick.role, shadow=pick.shadow)
-
-    def _pick(self, prepared: PreparedChat, served: ServedModel, tenant: str | None) -> Pick | None:
-        """The version of `served`'s name that answers, when it has a canary; a canary that cannot take
-        the conversation (another family) leaves it to the stable version."""
-        if self.canary is None or served.name not in self.canary.names():
-            return None
-        key = sticky_key(prepared.conversation, prepared.req.user, tenant, self.settings.canary_stickiness)
-        pick = self.canary.pick(served.name, key)
-        able = (lambda m: capability_problem(m, prepared.conversation, self.settings.max_images_per_request,
-                                             prepared.output) is None)
-        if pick.role == "canary" and not able(pick.served):
-            return Pick(served, "stable")
-        if pick.shadow is not None and not able(pick.shadow):
-            return replace(pick, shadow=None)
-        return pick
 
     def _inputs(self, prepared: PreparedChat, decision: RouteDecision, served: ServedModel, tenant: str | None,
                 seen: dict) -> Routed:
@@ -260,16 +245,6 @@ class ChatService:
             async for _ in self._outputs(prepared, routed):
                 pass
 
-    def _observe(self, served: ServedModel | None, role: str, started: float,
-                 error: BaseException | None = None) -> None:
-        """A finished request of a model with a canary, for its version's window (client errors and
-        hang-ups say nothing about the version)."""
-        if self.canary is None or served is None or not role:
-            return
-        failed = counts_as_error(error)
-        if failed is not None:
-            self.canary.observe(served, role, not failed, time.perf_counter() - started)
-
     # -- generation --------------------------------------------------------------------------------
     async def _outputs(self, prepared: PreparedChat, routed: Routed) -> AsyncIterator[RequestOutput]:
         if routed.served is None:  # the router answered: no decoder
@@ -327,12 +302,12 @@ class ChatService:
                     final = out
         except TimeoutError:
             error = self._timeout()
-            self._observe(routed and routed.served, routed and routed.role, started, error)
+            self.versions.observe(routed and routed.served, routed and routed.role, started, error)
             raise error from None
         except BaseException as e:
-            self._observe(routed and routed.served, routed and routed.role, started, e)
+            self.versions.observe(routed and routed.served, routed and routed.role, started, e)
             raise
-        self._observe(routed.served, routed.role, started)
+        self.versions.observe(routed.served, routed.role, started)
         if on_usage is not None:
             on_usage(final.prompt_tokens + final.completion_tokens)
         common = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=routed.model,
@@ -387,16 +362,16 @@ class ChatService:
                     if out.finished:
                         yield chunk(Delta(), answer.finish_reason(out), cut=incomplete(routed.output, out))
         except TimeoutError:
-            self._observe(routed.served, routed.role, started, self._timeout())
+            self.versions.observe(routed.served, routed.role, started, self._timeout())
             yield self._error_event(self._timeout(), model)
         except APIError as e:
-            self._observe(routed.served, routed.role, started, e)
+            self.versions.observe(routed.served, routed.role, started, e)
             yield self._error_event(e, model)
         except Exception as e:  # the engine failed: the status line is gone, the stream just ends
-            self._observe(routed.served, routed.role, started, e)
+            self.versions.observe(routed.served, routed.role, started, e)
             raise
         else:
-            self._observe(routed.served, routed.role, started)
+            self.versions.observe(routed.served, routed.role, started)
         if on_usage is not None and final is not None:
             on_usage(final.prompt_tokens + final.completion_tokens)
         if include_usage and final is not None:
