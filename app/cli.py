@@ -21,10 +21,12 @@ def _load_one(settings: Settings):
     """The one model `caption` and `ask` use: --model DIR (or the bundled one), as a OneShot."""
     from app.models.families import load_family_model
     from app.models.oneshot import OneShot
+    from llm.hardware import resolve_dtype
     from llm.loading.errors import ModelDirError
 
     try:
-        return OneShot(load_family_model(settings.model, max_context=settings.max_model_len or None))
+        return OneShot(load_family_model(settings.model, max_context=settings.max_model_len or None,
+                                         dtype=resolve_dtype(settings.dtype)))
     except (ModelDirError, ValueError) as e:
         raise SystemExit(_fail(str(e))) from None
 

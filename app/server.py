@@ -30,7 +30,7 @@ from app.chat.service import ChatService
 from app.degrade import degrade_level
 from app.embeddings.controller import ClassifyController, EmbeddingsController
 from app.embeddings.service import EmbeddingService
-from app.errors import EXCEPTION_HANDLERS
+from app.errors import EXCEPTION_HANDLERS, document_errors
 from app.files.controller import files_router
 from app.health.controller import HealthController
 from app.health.metrics_controller import MetricsController
@@ -45,13 +45,15 @@ from app.request_id import RequestIdMiddleware
 from app.routing.staged import StagedRouter
 from app.settings import Settings
 from app.tenancy.audit import open_audit_log
+from llm.hardware import resolve_dtype
 
 LoadedModels = list[tuple[ModelEntry, FamilyModel]]
 
 
 def load_models(settings: Settings) -> LoadedModels:
     """Every entry's checkpoint, loaded (raises ModelDirError / ModelEntryError naming the problem)."""
-    return [(entry, load_family_model(entry.path, entry.family, settings.max_model_len or None))
+    return [(entry, load_family_model(entry.path, entry.family, settings.max_model_len or None,
+                                      resolve_dtype(entry.dtype or settings.dtype)))
             for entry in settings.model_entries()]
 
 
@@ -153,4 +155,5 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     # The request id wraps litestar's own handler (router and exception handling), not the routes: a
     # path or method no route serves (404, 405) gets its id too, in the header and the error body.
     app.asgi_handler = RequestIdMiddleware(app.asgi_handler)
+    document_errors(app)
     return app

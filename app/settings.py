@@ -13,6 +13,8 @@ from typing import Mapping
 
 from app.models.entry import ModelEntry, load_models_file, memory_shares, parse_model_flag
 from llm.engine import EngineConfig
+from llm.hardware import DTYPE_SETTINGS
+from llm.kv_cache import KV_CACHE_DTYPES
 from vision.fetch import FetchPolicy, parse_allowed_hosts
 from vision.intake import IntakeLimits
 from vision.stage import VisionStageConfig, parse_visual_tokens
@@ -45,8 +47,12 @@ class Settings:
     kv_block_size: int = 16  # tokens per KV-cache block
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_num_batched_tokens: int = 1024  # tokens per step, prefill chunks and decodes together
-    kv_dtype: str = ""  # "" = the model's dtype; "bfloat16" halves the pool
-    dtype: str = "float32"  # the decoder's weights: float32, or bfloat16 (GPUs; CPUs with bf16 matmul units)
+    # Weights and activations of the decoders and vision towers: auto = bfloat16 where the CPU multiplies
+    # bf16 natively (AVX512_BF16 / AMX / Arm BF16) and on CUDA, float32 otherwise (llm/hardware.py).
+    dtype: str = "auto"
+    # Both K/V pools (self-attention and image K/V): auto = the model's dtype; int8 = asymmetric int8 with
+    # a scale and zero point per token and head (llm/kv_cache.py), ~1.9x the tokens of bf16 in the same bytes.
+    kv_cache_dtype: str = "auto"
     # torch.compile decode steps: ~20% faster single-stream decoding on a CPU, but each new step shape
     # compiles first (~30-60 s on 2 cores, in the engine thread), so it is off unless asked for.
     compile_decode: bool = False
@@ -126,6 +132,9 @@ class Settings:
     audit_max_bytes: int = 64 * 1024 * 1024  # rotate past this size (FILE.000001, .000002, ...)
     audit_content: bool = False  # also record prompt text and image data: URLs (off: digests and counts only)
     audit_fsync: bool = False  # fsync each record (survives a power cut, not only a killed process; slower)
+    # Workers sharing the store (replicas): a batch is leased to one; a dead one's batch is taken over at expiry.
+    batch_lease_s: float = 30.0  # renewed every third of it while the batch runs
+    batch_poll_s: float = 2.0  # how often an idle worker looks for batches made or left by other workers
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
@@ -136,14 +145,18 @@ class Settings:
         for name in ("max_file_bytes", "max_batch_requests", "batch_concurrency", "audit_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_lease_s", "batch_poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"setting {name} must be > 0, got {getattr(self, name)}")
         for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                      "default_max_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"setting {name} must be positive, got {getattr(self, name)}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"setting dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
-        if self.kv_dtype not in ("", "float32", "bfloat16", "float16"):
-            raise ValueError(f"setting kv_dtype must be one of '', float32, bfloat16, float16; got {self.kv_dtype!r}")
+        if self.dtype not in DTYPE_SETTINGS:
+            raise ValueError(f"setting dtype must be one of {', '.join(DTYPE_SETTINGS)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"setting kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"setting port must be in 1..65535, got {self.port}")
         if self.threads < 0 or self.request_timeout_s <= 0:
@@ -198,7 +211,7 @@ class Settings:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(block_size=self.kv_block_size, kv_cache_bytes=self.kv_cache_bytes,
                             cross_cache_bytes=self.cross_cache_bytes, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens, kv_dtype=self.kv_dtype or None,
+                            max_num_batched_tokens=self.max_num_batched_tokens, kv_cache_dtype=self.kv_cache_dtype,
                             compile_decode=self.compile_decode)
 
     def model_entries(self) -> list[ModelEntry]:
