@@ -261,8 +261,10 @@ class ChatService:
             return
         served = routed.served or self.registry.get(routed.model)
         decision = routed.decision
-        observer.routed(routed.model, served.version if served is not None else "", routed.route,
-                        decision.reason if decision is not None else "")
+        reason = decision.reason if decision is not None else ""
+        if routed.degraded:  # served degraded under overload: the audit says how
+            reason = "; ".join(filter(None, (reason, f"degraded: {', '.join(routed.degraded)}")))
+        observer.routed(routed.model, served.version if served is not None else "", routed.route, reason)
         for digest, pixels in routed.seen_images:
             observer.image(digest, pixels)
 
