@@ -26,7 +26,7 @@ class InjectedFault(RuntimeError):
 class Fault:
     mode: str = ""  # "" healthy, "raise", "slow"
     delay_s: float = 0.5
-    started: float | None = None  # time.monotonic() of the first faulty forward, for rollback timing
+    started: float | None = None  # time.time() of the first faulty forward (rollback records are wall time)
 
     def set(self, mode: str, delay_s: float | None = None) -> None:
         self.mode, self.started = mode, None
@@ -37,7 +37,7 @@ class Fault:
         if not self.mode:
             return
         if self.started is None:
-            self.started = time.monotonic()
+            self.started = time.time()
         if self.mode == "raise":
             raise InjectedFault("injected decoder fault")
         time.sleep(self.delay_s)

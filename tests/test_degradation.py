@@ -5,6 +5,7 @@ refuse a degraded request's image."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -24,10 +25,15 @@ ENCODE_S = 0.6  # the large model's encoder is this much slower per call: reques
 
 
 @pytest.fixture(scope="module")
-def client(demo_runtime):
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def client(demo_runtime, data_dir):
     settings = Settings(router_enabled=False, router_small_model="small", router_large_model="big",
-                        audit_log="off", router_policy_labels="a green triangle", max_concurrent_requests=1,
-                        max_queued_requests=4,
+                        data_dir=data_dir, audit_log=str(data_dir / "audit.jsonl"),
+                        router_policy_labels="a green triangle", max_concurrent_requests=1, max_queued_requests=4,
                         degrade_visual_tokens_waiting=1, degrade_small_model_waiting=2, degrade_visual_tokens="0.25")
     models = [(ModelEntry("big", BUNDLED_MODEL), slowed(CoCaModel.from_dir(BUNDLED_MODEL), ENCODE_S, 0.0)),
               (ModelEntry("small", BUNDLED_MODEL), demo_runtime)]
@@ -48,7 +54,7 @@ def test_the_levels_come_in_order():
         Settings(degrade_visual_tokens_waiting=9, degrade_small_model_waiting=3)
 
 
-def test_fewer_visual_tokens_then_the_small_model_then_429(client):
+def test_fewer_visual_tokens_then_the_small_model_then_429(client, data_dir):
     triangle = data_url(render(Scene("black", [Obj("triangle", "green", "large", 60.0, 70.0, 50)])))
     images = [image_url((40 * i, 90, 200 - 30 * i)) for i in range(4)] + [triangle, image_url((9, 9, 9))]
     results: dict[int, object] = {}
@@ -84,3 +90,9 @@ def test_fewer_visual_tokens_then_the_small_model_then_429(client):
         assert sum(float(x.split()[-1]) for x in metrics.splitlines()
                    if x.startswith("mmserve_degraded_requests_total") and series in x) == count
     assert 'mmserve_degraded_requests_total{model="small",step="visual_tokens"} 1.0' in metrics
+    audit = [json.loads(line) for line in (data_dir / "audit.jsonl").read_text().splitlines()]
+    reasons = [(r["router_route"], r["router_reason"]) for r in audit if r.get("route") == "/v1/chat/completions"]
+    # the audit names the policy refusal and the degradation steps of each request
+    assert any(route == "policy" and why.startswith("policy label 'a green triangle'") and
+               why.endswith("degraded: model=small") for route, why in reasons)
+    assert any(why.endswith("degraded: model=small, visual_tokens=0.25") for _, why in reasons)

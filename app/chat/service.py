@@ -22,15 +22,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import msgspec
 from anyio import to_thread
 
-from app.canary.control import CanaryControl, Pick, counts_as_error
+from app.canary.control import CanaryControl
 from app.canary.shadow import ShadowRunner
-from app.canary.split import sticky_key
+from app.chat.versions import Versions
 from app.chat.capability import capability_problem
 from app.chat.answer import StreamedAnswer, final_message, incomplete
 from app.chat.conversation import Conversation, parse_messages
@@ -48,6 +48,7 @@ from app.models.served import ServedModel
 from app.request_id import current_id
 from app.routing.staged import RouteDecision, StagedRouter
 from app.settings import Settings
+from app.tenancy.record import UsageObserver
 from llm.engine import ImageInput, RequestOutput
 from llm.grammar.spec import GrammarError, GrammarSpec, VocabularyError
 from llm.params import SamplingParams
@@ -82,6 +83,7 @@ class Routed:
     role: str = ""  # a model with a canary: "stable" or "canary" (the split's pick)
     shadow: ServedModel | None = None  # the canary version a copy goes to (shadow mode)
     degraded: tuple[str, ...] = ()  # the degradation steps taken ("visual_tokens=0.25", "model=small")
+    seen_images: tuple[tuple[str, int], ...] = ()  # (image sha256, pixels) of each image, for quotas and the audit
 
     @property
     def route(self) -> str:
@@ -99,18 +101,21 @@ def grammar_error(e: GrammarError, model: str, param: str | None) -> APIError:
     return bad_request(f"{param}: model {model!r}: {e}", param=param, code=code)
 
 
+def _seen_images(seen: dict) -> tuple[tuple[str, int], ...]:
+    return tuple({r.image_digest: r.pixels for r in seen.values()}.items())
+
+
 def _sse(payload: msgspec.Struct | dict) -> bytes:
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
 
-UsageHook = Callable[[int], None]  # called once with a finished request's total tokens (quota charging)
 
 
 class ChatService:
     def __init__(self, registry: ModelRegistry, router: StagedRouter, settings: Settings,
                  metrics: Metrics | None = None, canary: CanaryControl | None = None) -> None:
         self.registry, self.router, self.settings, self.metrics = registry, router, settings, metrics
-        self.canary = canary
+        self.versions = Versions(canary, settings)
         self.shadows = ShadowRunner(settings.canary_shadow_max_in_flight, canary)
         self.degrade = Degrade(settings, registry, metrics)
         zero_shot = router.zero_shot_model if router.zero_shot is not None else None
@@ -158,32 +163,17 @@ class ChatService:
         decision = self._decide(prepared, tenant, seen)
         if decision.finished:
             answering = decision.model or (target.name if target is not None else self.registry.routed_alias)
-            return Routed(answering, decision, degraded=prepared.degraded)
+            return Routed(answering, decision, degraded=prepared.degraded, seen_images=_seen_images(seen))
         served = target if prepared.pinned else self.registry.get(decision.model)
-        pick = None if prepared.pinned else self._pick(prepared, served, tenant)
+        pick = None if prepared.pinned else self.versions.pick(prepared, served, tenant)
         if pick is None:
             return self._inputs(prepared, decision, served, tenant, seen)
         try:
             routed = self._inputs(prepared, decision, pick.served, tenant, seen)
         except Exception as e:  # the version's own vision stage or template failed
-            self._observe(pick.served, pick.role, started, e)
+            self.versions.observe(pick.served, pick.role, started, e)
             raise
         return replace(routed, role=pick.role, shadow=pick.shadow)
-
-    def _pick(self, prepared: PreparedChat, served: ServedModel, tenant: str | None) -> Pick | None:
-        """The version of `served`'s name that answers, when it has a canary; a canary that cannot take
-        the conversation (another family) leaves it to the stable version."""
-        if self.canary is None or served.name not in self.canary.names():
-            return None
-        key = sticky_key(prepared.conversation, prepared.req.user, tenant, self.settings.canary_stickiness)
-        pick = self.canary.pick(served.name, key)
-        able = (lambda m: capability_problem(m, prepared.conversation, self.settings.max_images_per_request,
-                                             prepared.output) is None)
-        if pick.role == "canary" and not able(pick.served):
-            return Pick(served, "stable")
-        if pick.shadow is not None and not able(pick.shadow):
-            return replace(pick, shadow=None)
-        return pick
 
     def _inputs(self, prepared: PreparedChat, decision: RouteDecision, served: ServedModel, tenant: str | None,
                 seen: dict) -> Routed:
@@ -204,7 +194,7 @@ class ChatService:
             except PromptError as e:
                 raise bad_request(str(e), param="messages", code="unsupported_prompt") from None
         return Routed(served.name, decision, served, tuple(prompt), params, images, prepared.output,
-                      degraded=prepared.degraded + step)
+                      seen_images=_seen_images(seen), degraded=prepared.degraded + step)
 
     def _grammar(self, served: ServedModel, output: OutputPlan) -> GrammarSpec | None:
         """The answer's grammar for this model, compiled now (here, off the loop and the engine thread,
@@ -265,19 +255,24 @@ class ChatService:
             async for _ in self._outputs(prepared, routed):
                 pass
 
-    def _observe(self, served: ServedModel | None, role: str, started: float,
-                 error: BaseException | None = None) -> None:
-        """A finished request of a model with a canary, for its version's window (client errors and
-        hang-ups say nothing about the version)."""
-        if self.canary is None or served is None or not role:
-            return
-        failed = counts_as_error(error)
-        if failed is not None:
-            self.canary.observe(served, role, not failed, time.perf_counter() - started)
-
     # -- generation --------------------------------------------------------------------------------
-    async def _outputs(self, prepared: PreparedChat, routed: Routed) -> AsyncIterator[RequestOutput]:
+    def _observe_route(self, observer: UsageObserver | None, routed: Routed) -> None:
+        if observer is None:
+            return
+        served = routed.served or self.registry.get(routed.model)
+        decision = routed.decision
+        reason = decision.reason if decision is not None else ""
+        if routed.degraded:  # served degraded under overload: the audit says how
+            reason = "; ".join(filter(None, (reason, f"degraded: {', '.join(routed.degraded)}")))
+        observer.routed(routed.model, served.version if served is not None else "", routed.route, reason)
+        for digest, pixels in routed.seen_images:
+            observer.image(digest, pixels)
+
+    async def _outputs(self, prepared: PreparedChat, routed: Routed,
+                       observer: UsageObserver | None = None) -> AsyncIterator[RequestOutput]:
         if routed.served is None:  # the router answered: no decoder
+            if observer is not None:
+                observer.first_token()
             yield self._router_answer(prepared, routed)
             return
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -286,8 +281,11 @@ class ChatService:
         images = list(routed.images) or None
         try:
             async for out in routed.served.engine.generate(request_id, list(routed.prompt), images, routed.params):
-                if timer is not None and out.completion_tokens > emitted:
-                    timer.tokens(out.completion_tokens - emitted)
+                if out.completion_tokens > emitted:
+                    if observer is not None and not emitted:
+                        observer.first_token()
+                    if timer is not None:
+                        timer.tokens(out.completion_tokens - emitted)
                     emitted = out.completion_tokens
                 yield out
         except PromptRejected as e:
@@ -309,37 +307,42 @@ class ChatService:
             completion = len(served.model.tokenizer.encode(answer)) + 1  # and the end token
         return RequestOutput(routed.route, answer, answer, True, "stop", (), prompt_tokens, completion, 0)
 
-    def _error_event(self, e: APIError, model: str) -> bytes:
+    def _error_event(self, e: APIError, model: str, observer: UsageObserver | None = None) -> bytes:
         """An error after the stream started: the status line is long gone, so it travels as an event
-        (and the metrics middleware, which saw a 200, hears of it here)."""
+        (and the metrics middleware and the audit, which saw a 200, hear of it here)."""
         if self.metrics is not None:
             self.metrics.record_failure(e.type, e.code, model)
+        if observer is not None:
+            observer.failed(e.code)
         return _sse(ErrorBody(ErrorDetail(e.message, e.type, e.param, e.code), current_id()))
 
     def _timeout(self) -> APIError:
         return APIError(504, f"the request took longer than {self.settings.request_timeout_s} s",
                         type="timeout_error", code="timeout")
 
-    async def complete(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
+    async def complete(self, req: ChatCompletionRequest, observer: UsageObserver | None = None,
                        tenant: str | None = None, degrade: int = 0) -> tuple[ChatCompletion, Routed]:
+        """`observer` hears the route, the images, the first token and the token counts (quotas, audit);
+        `degrade`: the overload level the request was admitted at (app/degrade.py)."""
         prepared = self.prepare(req, degrade)
         started, routed = time.perf_counter(), None
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 routed = await self.resolve(prepared, tenant, started)
+                self._observe_route(observer, routed)
                 final = None
-                async for out in self._outputs(prepared, routed):
+                async for out in self._outputs(prepared, routed, observer):
                     final = out
         except TimeoutError:
             error = self._timeout()
-            self._observe(routed and routed.served, routed and routed.role, started, error)
+            self.versions.observe(routed and routed.served, routed and routed.role, started, error)
             raise error from None
         except BaseException as e:
-            self._observe(routed and routed.served, routed and routed.role, started, e)
+            self.versions.observe(routed and routed.served, routed and routed.role, started, e)
             raise
-        self._observe(routed.served, routed.role, started)
-        if on_usage is not None:
-            on_usage(final.prompt_tokens + final.completion_tokens)
+        self.versions.observe(routed.served, routed.role, started)
+        if observer is not None:
+            observer.finished(final.prompt_tokens, final.completion_tokens, final.finish_reason)
         common = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=routed.model,
                       usage=Usage(final.prompt_tokens, final.completion_tokens,
                                   final.prompt_tokens + final.completion_tokens))
@@ -354,7 +357,7 @@ class ChatService:
     def _tool_format(routed: Routed):
         return routed.served.model.tool_format if routed.served is not None else None
 
-    async def start_stream(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
+    async def start_stream(self, req: ChatCompletionRequest, observer: UsageObserver | None = None,
                            tenant: str | None = None, degrade: int = 0) -> tuple[AsyncIterator[bytes], Routed]:
         """Validate, get the images' features and route now (errors become a 4xx before the first
         byte); -> (the server-sent events in OpenAI's chunk format ending with `data: [DONE]`, the route)."""
@@ -367,10 +370,11 @@ class ChatService:
                 routed = await self.resolve(prepared, tenant, started)
         except TimeoutError:
             raise self._timeout() from None
-        return self._events(prepared, routed, include_usage, deadline, on_usage, started), routed
+        self._observe_route(observer, routed)
+        return self._events(prepared, routed, include_usage, deadline, observer, started), routed
 
     async def _events(self, prepared: PreparedChat, routed: Routed, include_usage: bool,
-                      deadline: float, on_usage: UsageHook | None, started: float) -> AsyncIterator[bytes]:
+                      deadline: float, observer: UsageObserver | None, started: float) -> AsyncIterator[bytes]:
         chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), routed.model
 
         def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, choices=True,
@@ -385,25 +389,26 @@ class ChatService:
         answer = StreamedAnswer(routed.output, self._tool_format(routed))
         try:
             async with asyncio.timeout_at(deadline):
-                async for out in self._outputs(prepared, routed):
+                async for out in self._outputs(prepared, routed, observer):
                     final = out
                     for delta in answer.deltas(out):
                         yield chunk(delta)
                     if out.finished:
                         yield chunk(Delta(), answer.finish_reason(out), cut=incomplete(routed.output, out))
         except TimeoutError:
-            self._observe(routed.served, routed.role, started, self._timeout())
-            yield self._error_event(self._timeout(), model)
+            self.versions.observe(routed.served, routed.role, started, self._timeout())
+            yield self._error_event(self._timeout(), model, observer)
         except APIError as e:
-            self._observe(routed.served, routed.role, started, e)
-            yield self._error_event(e, model)
+            self.versions.observe(routed.served, routed.role, started, e)
+            yield self._error_event(e, model, observer)
         except Exception as e:  # the engine failed: the status line is gone, the stream just ends
-            self._observe(routed.served, routed.role, started, e)
+            self.versions.observe(routed.served, routed.role, started, e)
             raise
         else:
-            self._observe(routed.served, routed.role, started)
-        if on_usage is not None and final is not None:
-            on_usage(final.prompt_tokens + final.completion_tokens)
+            self.versions.observe(routed.served, routed.role, started)
+        finally:  # also when the client goes away mid-stream: the tokens spent so far are counted
+            if observer is not None and final is not None:
+                observer.finished(final.prompt_tokens, final.completion_tokens, final.finish_reason)
         if include_usage and final is not None:
             yield chunk(Delta(), usage=Usage(final.prompt_tokens, final.completion_tokens,
                                              final.prompt_tokens + final.completion_tokens), choices=False)
