@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from app.models.families.coca import CoCaModel
 from app.settings import BUNDLED_MODEL
+from llm.hardware import resolve_dtype
 
 
 class InjectedFault(RuntimeError):
@@ -44,6 +45,8 @@ class Fault:
 
 
 def faulty_demo(fault: Fault) -> CoCaModel:
-    model = CoCaModel.from_dir(BUNDLED_MODEL)  # its own copy: the hook must not reach the stable version
+    # its own copy: the hook must not reach the stable version; in the dtype the server computes in by
+    # default, or it would serve a converted copy, which has no hook (ServedModel, FamilyModel.with_dtype)
+    model = CoCaModel.from_dir(BUNDLED_MODEL, resolve_dtype("auto"))
     model.decoder.register_forward_pre_hook(lambda *_: fault.hit())
     return model

@@ -15,6 +15,7 @@ from litestar.testing import TestClient
 from app.degrade import degrade_level
 from app.models.entry import ModelEntry
 from app.models.families.coca import CoCaModel
+from llm.hardware import resolve_dtype
 from app.server import create_app
 from app.settings import BUNDLED_MODEL, Settings
 from tests.conftest import data_url
@@ -35,7 +36,8 @@ def client(demo_runtime, data_dir):
                         data_dir=data_dir, audit_log=str(data_dir / "audit.jsonl"),
                         router_policy_labels="a green triangle", max_concurrent_requests=1, max_queued_requests=4,
                         degrade_visual_tokens_waiting=1, degrade_small_model_waiting=2, degrade_visual_tokens="0.25")
-    models = [(ModelEntry("big", BUNDLED_MODEL), slowed(CoCaModel.from_dir(BUNDLED_MODEL), ENCODE_S, 0.0)),
+    big = slowed(CoCaModel.from_dir(BUNDLED_MODEL, resolve_dtype("auto")), ENCODE_S, 0.0)  # the served dtype
+    models = [(ModelEntry("big", BUNDLED_MODEL), big),
               (ModelEntry("small", BUNDLED_MODEL), demo_runtime)]
     with TestClient(create_app(settings, models)) as c:
         yield c
