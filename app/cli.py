@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -131,6 +132,55 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_store():
+    from app.tenancy.keys import KeyStore
+
+    return KeyStore(Settings.from_env().keys_db_path)
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    from app.tenancy.keys import default_limits, parse_limits, parse_scopes
+
+    try:
+        limits = {}
+        for item in args.limit or ():
+            name, _, value = item.partition("=")
+            limits[name.strip()] = int(value)
+        scopes = parse_scopes(args.scopes)
+        key, info = _key_store().add(args.tenant, scopes, args.model or None,
+                                     parse_limits(limits, default_limits(Settings.from_env())), args.name)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps({"key": key, "id": info.id, "tenant": info.tenant, "scopes": info.scopes}))
+    else:
+        print(f"{key}\nid {info.id}, tenant {info.tenant!r}, scopes {','.join(info.scopes)} "
+              "(the key is shown only now; the store keeps its SHA-256)", flush=True)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    infos = _key_store().list(args.tenant)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(info) for info in infos]))
+        return 0
+    for info in infos:
+        state = f"revoked at {info.revoked_at}" if info.revoked_at else "live"
+        models = ",".join(info.models) if info.models is not None else "*"
+        limits = ",".join(f"{k}={v}" for k, v in info.limits.items() if v) or "default"
+        print(f"{info.id}  tenant={info.tenant}  scopes={','.join(info.scopes)}  models={models}  "
+              f"limits={limits}  {state}  {info.name}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    info = _key_store().revoke(args.key_id)
+    if info is None:
+        return _fail(f"no key with id {args.key_id!r}")
+    print(f"{info.id} revoked (tenant {info.tenant!r}): refused from its next request on, in every worker")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from app.tenancy.audit import verify
 
@@ -198,6 +248,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decoder-only", action="store_true",
                        help="train only the multimodal decoder (zero-shot towers unchanged)")
     train.set_defaults(func=cmd_train_demo)
+    keys = sub.add_parser("keys", help="API keys in the key store (setting keys_db)").add_subparsers(
+        dest="keys_command", required=True)
+    add = keys.add_parser("add", help="make a key (printed once; the store keeps only its hash)")
+    add.add_argument("--tenant", required=True, help="who the key belongs to: files, batches and cache are per tenant")
+    add.add_argument("--scopes", default="chat,embeddings,batches",
+                     help="comma-separated of chat, embeddings, batches, admin (default: chat,embeddings,batches)")
+    add.add_argument("--model", action="append", metavar="NAME", help="a model the key may use (repeat; default: all)")
+    add.add_argument("--limit", action="append", metavar="NAME=N",
+                     help="a quota of its own, e.g. tokens_per_day=100000 (repeat; default: the server's settings)")
+    add.add_argument("--name", default="", help="a note for people")
+    add.add_argument("--json", action="store_true")
+    add.set_defaults(func=cmd_keys_add)
+    listing = keys.add_parser("list", help="every key (never the key itself)")
+    listing.add_argument("--tenant", default=None)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id: refused at once by every worker")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", help="check the hash chain of an audit log (and its rotated files)")
     verify.add_argument("file", metavar="FILE", help="the audit log (its rotated FILE.000001... are read too)")

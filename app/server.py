@@ -47,6 +47,7 @@ from app.settings import Settings
 from llm.hardware import resolve_dtype
 from app.tenancy.controller import AdminKeysController, UsageController
 from app.tenancy.finalize import Finalizer
+from app.tenancy.guard import tenancy_guard
 from app.tenancy.keys import default_limits
 from app.tenancy.middleware import TenancyMiddleware
 from app.tenancy.stores import open_stores
@@ -151,7 +152,8 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
         },
         lifespan=[lifespan],
         state=State({"metrics": metrics, "readiness": readiness, "registry": registry, "canary": canary,
-                     "audit": audit}),
+                     "audit": audit, "quotas": quotas, "rate_limiter": RateLimiter.from_settings(settings)}),
+        guards=[tenancy_guard],  # scope, quota and rate limit of the route reached (app/tenancy/guard.py)
         # Outermost first: metrics see every routed answer. (The key check wraps the whole handler, below.)
         middleware=[DefineMiddleware(MetricsMiddleware, metrics=metrics),
                     DefineMiddleware(AdmissionMiddleware, admission=admission, metrics=metrics,
@@ -165,8 +167,7 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     # path or method no route serves (404, 405) gets its id too, in the header and the error body.
     # The key check and the request's end (quota charged, audit written) wrap it too, inside the id: every
     # path meets the same check, however it is spelled (app/tenancy/middleware.py).
-    tenancy = TenancyMiddleware(app.asgi_handler, keys, quotas, RateLimiter.from_settings(settings), finalizer,
-                                metrics)
+    tenancy = TenancyMiddleware(app.asgi_handler, keys, finalizer, metrics)
     app.asgi_handler = RequestIdMiddleware(tenancy)
     document_errors(app)
     return app

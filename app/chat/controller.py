@@ -14,7 +14,7 @@ from app.chat.schemas import ChatCompletion, ChatCompletionRequest
 from app.chat.service import ChatService, Routed
 from app.degrade import DEGRADED_HEADER, request_degrade
 from app.metrics import set_request_model
-from app.tenancy.principal import principal_of, require_model, scope_guard
+from app.tenancy.principal import principal_of, require_model
 from app.tenancy.record import record_of
 
 ROUTE_HEADER = "x-mmserve-route"  # which route answered: stage1, policy or decoder:<model>
@@ -41,8 +41,7 @@ async def _until_disconnect(request: Request) -> None:
 class ChatController(Controller):
     path = "/v1/chat/completions"
     tags = ["chat"]
-    guards = [scope_guard]
-    opt = {"scope": "chat"}
+    opt = {"scope": "chat", "metered": True}
 
     @post(status_code=200, summary="Create a chat completion over images and text (stream=true: server-sent events)")
     async def create(self, data: JSONBody[ChatCompletionRequest], chat: NamedDependency[ChatService],

@@ -10,15 +10,14 @@ from app.auth import log_end_user
 from app.embeddings.schemas import Classification, ClassifyRequest, EmbeddingList, EmbeddingRequest
 from app.embeddings.service import EmbeddingService
 from app.metrics import set_request_model
-from app.tenancy.principal import principal_of, require_model, scope_guard
+from app.tenancy.principal import principal_of, require_model
 from app.tenancy.record import record_of
 
 
 class EmbeddingsController(Controller):
     path = "/v1/embeddings"
     tags = ["embeddings"]
-    guards = [scope_guard]
-    opt = {"scope": "embeddings"}
+    opt = {"scope": "embeddings", "metered": True}
 
     @post(status_code=200, summary="Embed text and images (data: URLs) into a model's contrastive space")
     async def create(self, data: JSONBody[EmbeddingRequest], embeddings: NamedDependency[EmbeddingService],
@@ -33,8 +32,7 @@ class EmbeddingsController(Controller):
 class ClassifyController(Controller):
     path = "/v1/classify"
     tags = ["classify"]
-    guards = [scope_guard]
-    opt = {"scope": "embeddings"}
+    opt = {"scope": "embeddings", "metered": True}
 
     @post(status_code=200, summary="Zero-shot labels for an image (the request's labels or the model's own)")
     async def create(self, data: JSONBody[ClassifyRequest], embeddings: NamedDependency[EmbeddingService],
