@@ -94,7 +94,11 @@ def capability_problem(model: ServedModel, conversation: Conversation, max_image
     if n == 0 and not caps.text_only:
         return bad_request(f"no image in the conversation: model {model.name!r} needs one (add an image_url "
                         f"content part with a data: URL)", param="messages", code="missing_image")
-    if not caps.questions and not conversation.is_caption_request(CAPTION_QUESTION):
+    if caps.task_prompts and not caps.questions and not conversation.is_one_image_turn():
+        return bad_request(f"model {model.name!r} only captions images: send one user message with one image and "
+                           f"an optional text prefix or task prompt (no earlier turns)", param="messages",
+                           code="unsupported_prompt")
+    if not caps.questions and not caps.task_prompts and not conversation.is_caption_request(CAPTION_QUESTION):
         return bad_request(f"model {model.name!r} only captions images: send one user message with one image and "
                         f"no text (or {CAPTION_QUESTION!r})", param="messages", code="unsupported_prompt")
     return None

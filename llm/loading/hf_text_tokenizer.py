@@ -1,6 +1,6 @@
-"""A Hugging Face checkpoint's own tokenizer (tokenizer.json + tokenizer_config.json) through
-transformers, for families with no chat template (Florence-2's BART tokenizer): encode without the
-special tokens the family places itself, decode without any special token (the engine's detokenizer)."""
+"""A Hugging Face checkpoint's own tokenizer with no chat template (caption models: BLIP,
+VisionEncoderDecoder): encode without special tokens, decode without them, as transformers'
+`batch_decode(..., skip_special_tokens=True)` does. Local files only."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 from llm.loading.errors import ModelDirError
 
 
-class HFTokenizer:
+class HFTextTokenizer:
     def __init__(self, path: str | Path) -> None:
         from transformers import AutoTokenizer  # noqa: PLC0415 - transformers is slow to import
 
         path = Path(path)
-        if not (path / "tokenizer.json").is_file():
+        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
             raise ModelDirError(f"model file not found: {path / 'tokenizer.json'}")
         self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.vocab_size = len(self.hf)
