@@ -32,7 +32,7 @@ from app.chat.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletio
                               ChatCompletionWithTokens, Choice, ChoiceWithTokens, ChunkChoice, Delta, Usage)
 from app.errors import APIError, ErrorBody, ErrorDetail, bad_request
 from app.metrics import Metrics
-from app.models.families.base import PromptError
+from app.models.families.base import PromptedMemory, PromptError
 from app.models.registry import ROUTED, ModelRegistry
 from app.models.served import ServedModel
 from app.request_id import current_id
@@ -177,6 +177,11 @@ class ChatService:
         params = sampling_params(prepared.req, max_tokens, self._grammar(served, prepared.output))
         images = tuple(self._image(served, source, prepared.req.visual_tokens, tenant, seen)
                        for source in conversation.images)
+        if isinstance(served.model, PromptedMemory):
+            try:
+                images = served.model.memory(images, conversation)
+            except PromptError as e:
+                raise bad_request(str(e), param="messages", code="unsupported_prompt") from None
         return Routed(served.name, decision, served, tuple(prompt), params, images, prepared.output)
 
     def _grammar(self, served: ServedModel, output: OutputPlan) -> GrammarSpec | None:

@@ -4,6 +4,7 @@
     mllama  config.json naming MllamaForConditionalGeneration (a Hugging Face directory)
     blip    config.json naming BlipForConditionalGeneration (BLIP captioning)
     ved     config.json naming VisionEncoderDecoderModel (ViT/DeiT/Swin/DonutSwin + GPT-2/TrOCR decoders)
+    florence2  config.json naming Florence2ForConditionalGeneration (a Hugging Face directory)
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from pathlib import Path
 from app.models.families.base import FamilyModel, PromptError
 from app.models.families.blip import BlipModel
 from app.models.families.coca import CoCaModel
+from app.models.families.florence2 import Florence2Model
 from app.models.families.mllama import MllamaModel
 from app.models.families.ved import VEDModel
 from llm.loading.errors import ModelDirError
 from llm.loading.hf import read_config
 
-FAMILIES = {"coca": CoCaModel, "mllama": MllamaModel, "blip": BlipModel, "ved": VEDModel}
+FAMILIES = {"coca": CoCaModel, "mllama": MllamaModel, "blip": BlipModel, "ved": VEDModel, "florence2": Florence2Model}
 DESCRIBED = ("coca (mmserve or open_clip CoCa format), mllama (MllamaForConditionalGeneration), "
-             "blip (BlipForConditionalGeneration), ved (VisionEncoderDecoderModel)")
+             "blip (BlipForConditionalGeneration), ved (VisionEncoderDecoderModel), "
+             "florence2 (Florence2ForConditionalGeneration)")
 
 __all__ = ["FAMILIES", "FamilyModel", "PromptError", "detect_family", "load_family_model"]
 
