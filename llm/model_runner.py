@@ -199,7 +199,10 @@ class ModelRunner:
             by_shape.setdefault(tuple(tokens.shape), []).append(d)
         for (num_tokens, _), digests in by_shape.items():
             start, dest = self.cross_pool.reserve(len(digests), num_tokens)
-            self.model.cross_kv(torch.stack([new[d] for d in digests]).to(self.device), out=dest)
+            tokens = torch.stack([new[d] for d in digests]).to(self.device)
+            if self.dtype.is_floating_point:  # features of a tower that computes in another dtype
+                tokens = tokens.to(self.dtype)
+            self.model.cross_kv(tokens, out=dest)
             self.cross_pool.put(digests, start, dest)
         self.cross_pool.misses += len(new)
         self.cross_pool.hits += len(image_index) - len(new)

@@ -5,7 +5,7 @@ layout, as `florence-community/Florence-2-base` has it).
     preprocessor_config.json (CLIPImageProcessor), generation_config.json
       -> Florence2VisionEncoder (vision/encoders/florence2.py: DaViT + projector, behind the vision stage
          and its feature cache), BartDecoder with the BART encoder attached (llm/models/bart.py),
-         HFTokenizer, the task prompts (florence2_prompts.py), BART's start and end rules
+         HFTextTokenizer, the task prompts (florence2_prompts.py), BART's start and end rules
 
 What the decoder cross-attends to is the BART encoder's output over the image tokens followed by the
 prompt's embeddings: `memory()` hands the engine exactly that input, named by the image's feature
@@ -28,15 +28,14 @@ from pathlib import Path
 import torch
 
 from app.chat.conversation import Conversation
-from app.models.capabilities import Capabilities
 from app.models.families.base import PromptError
+from app.models.families.captioner import CAPTIONER, caption_prompt_text, with_dtype
 from app.models.families.florence2_prompts import DEFAULT_TASK, TaskPromptError, encoder_text
 from llm.engine import ImageInput
 from llm.loading.bart_weights import BartLayout, bart_decoder
 from llm.loading.errors import ModelDirError
 from llm.loading.hf import file_digest, load_tensors, read_config, read_json, safetensors_files
-from llm.loading.hf_tokenizer import HFTokenizer
-from llm.loading.chat_format import CAPTION_QUESTION
+from llm.loading.hf_text_tokenizer import HFTextTokenizer
 from llm.models.bart import BartConfig, BartDecoder
 from vision.encoders.florence2 import VISION_PREFIXES, Florence2VisionEncoder
 
@@ -65,6 +64,7 @@ class Florence2Model:
     contrastive = None
     vocabulary = None  # no structured output: its answers are task formats (locations, OCR) of their own
     tool_format = None
+    capabilities = CAPTIONER  # one image and an optional task prompt: a caption model (app/models/families/captioner.py)
 
     def __init__(self, path: str | Path, max_context: int | None = None) -> None:
         path = Path(path)
@@ -73,8 +73,9 @@ class Florence2Model:
             raise ModelDirError(f"{path / 'config.json'} is not a {ARCHITECTURE} checkpoint")
         text = config["text_config"]
         self.name = path.name
+        self.dtype = torch.float32  # as loaded; with_dtype converts
         self.weights_digest = file_digest(safetensors_files(path))
-        self.tokenizer = HFTokenizer(path)
+        self.tokenizer = HFTextTokenizer(path)
         tensors = load_tensors(path, (LM, "lm_head.") + VISION_PREFIXES)
         decoder_cfg = BartConfig.from_hf(text, "decoder")
         if max_context is not None and max_context < decoder_cfg.max_positions:
@@ -90,12 +91,13 @@ class Florence2Model:
         self.decoder_prompt = [ids["decoder_start_token_id"]] + (
             [ids["forced_bos_token_id"]] if ids["forced_bos_token_id"] is not None else [])
         self.stop_ids = (self.eos_id,)
-        self.capabilities = Capabilities(questions=True, captions=True, max_images=1, text_only=False,
-                                         embeddings=False, zero_shot=False)
 
     @classmethod
-    def load(cls, path: Path, max_context: int | None = None) -> "Florence2Model":
-        return cls(path, max_context)
+    def load(cls, path: Path, max_context: int | None = None, dtype: torch.dtype = torch.float32) -> "Florence2Model":
+        return cls(path, max_context).with_dtype(dtype)
+
+    def with_dtype(self, dtype: torch.dtype) -> "Florence2Model":
+        return with_dtype(self, dtype)
 
     @staticmethod
     def detect(path: Path) -> bool:
@@ -113,16 +115,7 @@ class Florence2Model:
     def task(self, conversation: Conversation) -> str:
         """The client's prompt for the processor: the one user message's text, <CAPTION> when it has
         none (or asks the generic caption question). Raises PromptError for what Florence-2 cannot take."""
-        turns = [m for m in conversation.messages if m.role != "system"]
-        if len(turns) != len(conversation.messages):
-            raise PromptError("Florence-2 takes no system message: send one user message with an image and a task")
-        if len(turns) != 1 or turns[0].role != "user":
-            raise PromptError("Florence-2 answers one user message (an image and an optional task prompt such as "
-                              "<CAPTION>, <DETAILED_CAPTION> or <OCR>), not a multi-turn conversation")
-        if len(conversation.images) != 1:
-            raise PromptError(f"Florence-2 reads exactly one image per request, got {len(conversation.images)}")
-        text = turns[0].text
-        return DEFAULT_TASK if text.lower() in ("", CAPTION_QUESTION) else text
+        return caption_prompt_text(conversation) or DEFAULT_TASK
 
     def encoder_ids(self, conversation: Conversation) -> list[int]:
         """<s> {the task's text} </s>: the prompt part of the encoder's input (the image tokens go first)."""
