@@ -72,8 +72,11 @@ def _bart_style_json(bpe_vocab: int, locs: int) -> str:
     trainer = trainers.BpeTrainer(vocab_size=bpe_vocab - 1, special_tokens=list(BART_SPECIALS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(training_text(max_bytes=max(64 << 10, bpe_vocab * 160)), trainer)
-    if tok.get_vocab_size() != bpe_vocab - 1:
+    if tok.get_vocab_size() > bpe_vocab - 1:
         raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, wanted {bpe_vocab - 1}")
+    # The standard library's text runs out of merges before a 50k vocabulary: the rest are placeholders,
+    # so the ids (and the lm_head's size) are those of the real tokenizer.
+    tok.add_tokens([f"<unused_{i}>" for i in range(bpe_vocab - 1 - tok.get_vocab_size())])
     tok.add_special_tokens(["<mask>"])
     tok.add_tokens([f"<loc_{i}>" for i in range(locs)] + list(TASK_TOKENS))
     tok.add_special_tokens([IMAGE_TOKEN])
