@@ -69,7 +69,8 @@ def reference_logits(name: str, ref, pixel_values: torch.Tensor, ids: torch.Tens
 
 
 def reference_generate(name: str, ref, pixel_values: torch.Tensor, prefix: list[int]) -> list[list[int]]:
-    """transformers' generate, greedy; the new tokens of each row, end token excluded."""
+    """transformers' generate, greedy; the new tokens of each row, end token excluded. `prefix`: BLIP's
+    text prefix; a VED's whole decoder prompt."""
     b = pixel_values.shape[0]
     with torch.inference_mode():
         if name == "blip":  # the processor's [CLS] prefix [SEP]: generate swaps [CLS] for [DEC], drops [SEP]
@@ -78,10 +79,11 @@ def reference_generate(name: str, ref, pixel_values: torch.Tensor, prefix: list[
             out = ref.generate(pixel_values=pixel_values, input_ids=ids, do_sample=False, max_new_tokens=MAX_NEW)
             start, end = 1 + len(prefix), ref.config.text_config.sep_token_id
         else:
-            kwargs = {"decoder_input_ids": torch.tensor([[ref.config.decoder_start_token_id, *prefix]] * b)} \
-                if prefix else {}
-            out = ref.generate(pixel_values=pixel_values, do_sample=False, max_new_tokens=MAX_NEW, **kwargs)
-            start, end = 1 + len(prefix), ref.generation_config.eos_token_id
+            # `prefix` is the whole decoder prompt here: generate adds no start token before a Donut's
+            # (donut-swin encoder's) prompt, so ours says where it starts
+            out = ref.generate(pixel_values=pixel_values, decoder_input_ids=torch.tensor([prefix] * b),
+                               do_sample=False, max_new_tokens=MAX_NEW)
+            start, end = len(prefix), ref.generation_config.eos_token_id
     rows = []
     for row in out.tolist():
         new = row[start:]
@@ -130,7 +132,7 @@ def test_greedy_tokens_match_generate(name, prefix_words, checkpoints, loaded):
     pixels = model.encoder.preprocess(ims)
     features = model.encoder.encode(ims)
     prompt = model.prompt_ids(prefix_words)
-    expected = reference_generate(name, ref, pixels, prompt[1:])
+    expected = reference_generate(name, ref, pixels, prompt[1:] if name == "blip" else prompt)
     params = SamplingParams(max_tokens=MAX_NEW, stop_token_ids=model.stop_ids)
     ours = generate_greedy(model.decoder, [f.tokens for f in features], [prompt] * len(ims), params)
     assert ours == expected

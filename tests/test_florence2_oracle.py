@@ -16,7 +16,7 @@ from app.models.families import detect_family
 from app.models.families.base import PromptError
 from app.models.families.florence2 import Florence2Model
 from app.models.families.florence2_prompts import TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT
-from bench.florence2_checkpoint import PRESETS, write_florence2_checkpoint
+from bench.bart_checkpoints import PRESETS, write_florence2_checkpoint
 from llm.engine import ImageInput
 from llm.generate import generate_greedy, teacher_forced_logits
 from llm.params import SamplingParams
@@ -108,3 +108,18 @@ def test_greedy_tokens_match_generate(florence):
         ref = hf.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=n)[0].tolist()
         assert ref == ours.decoder_prompt + out + [ours.eos_id], (task, ref, out)
     assert len({t for out in got for t in out}) >= 3  # real runs, not one token repeated everywhere
+
+
+@torch.inference_mode()
+def test_bf16_decoder_tracks_fp32_transformers(florence):
+    """The served bf16 copy (app/models/served.py: dense_copy, then .to): weights, pools and the
+    encoder in bf16, close to the fp32 reference."""
+    from llm.packed_linear import dense_copy
+
+    _, hf, processor, ours = florence
+    half = dense_copy(ours.decoder).to(torch.bfloat16)
+    image = picture(40)
+    tgt = torch.tensor([ours.decoder_prompt + [5, 77, 123, 9]])
+    ref = hf(**processor(text="<CAPTION>", images=image, return_tensors="pt"), decoder_input_ids=tgt).logits
+    got = teacher_forced_logits(half, [memory(ours, image, "<CAPTION>")], tgt, chunk=2)
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 3e-2

@@ -12,9 +12,12 @@ projects the encoder's states with enc_to_dec_proj). Each builder returns a Deco
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
+from llm.loading.bart_weights import BartLayout, bart_decoder
+from llm.models.bart import BartConfig
 from llm.models.gpt2 import gpt2_decoder
 from llm.models.trocr import trocr_decoder
 
@@ -31,4 +34,20 @@ def _trocr(config: dict, tensors: dict[str, torch.Tensor], encoder_width: int, m
     return trocr_decoder(config, tensors, encoder_width, max_context)
 
 
-VED_DECODERS: dict[str, DecoderBuilder] = {"gpt2": _gpt2, "trocr": _trocr}
+# (M)BartForCausalLM, as VisionEncoderDecoderModel holds it (Donut: MBart)
+CAUSAL_BART = BartLayout(decoder="model.decoder.", embeddings=("model.decoder.embed_tokens.weight",),
+                         lm_head=("lm_head.weight",))
+
+
+def _bart(config: dict, tensors: dict[str, torch.Tensor], encoder_width: int, max_context: int | None):
+    cfg = BartConfig.from_hf(config, "decoder")
+    if encoder_width != cfg.d_model:
+        raise ValueError(f"a BART decoder cross-attends at its own width {cfg.d_model}, the image tokens have {encoder_width}")
+    if max_context is not None and max_context < cfg.max_positions:
+        cfg = replace(cfg, max_positions=max_context)
+        key = "model.decoder.embed_positions.weight"
+        tensors = {**tensors, key: tensors[key][: max_context + 2]}
+    return bart_decoder(tensors, CAUSAL_BART, cfg)
+
+
+VED_DECODERS: dict[str, DecoderBuilder] = {"gpt2": _gpt2, "trocr": _trocr, "bart": _bart, "mbart": _bart}

@@ -9,7 +9,7 @@ VisionEncoderDecoderModel (ViT-GPT2 captioners, TrOCR, Donut...).
 
 The prompt is the start token, then the request's text (a task prompt such as Donut's `<s_cord-v2>`,
 or a caption prefix) as the tokenizer encodes it; as transformers' generate, the start token is not
-added again when the text already begins with it.
+added again when the text already begins with it, nor before a Donut's (donut-swin encoder's) text.
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ class VEDModel:
         except (KeyError, ValueError) as e:
             raise ModelDirError(f"{path}: the {decoder_type} decoder cannot be built: {e}") from None
         self.start_id = required_id(path, raw, "decoder_start_token_id", "decoder")
+        # transformers' generate starts a Donut (donut-swin encoder) decoder at its task prompt as given,
+        # never adding the start token (generation/utils.py, PR #31470): the task token is its start.
+        self.prompt_is_start = encoder_type == "donut-swin"
         self.stop_ids = stop_ids(path, raw, "eos_token_id", "decoder")
 
     @classmethod
@@ -90,7 +93,7 @@ class VEDModel:
 
     def prompt_ids(self, text: str = "") -> list[int]:
         ids = self.tokenizer.encode(text) if text else []
-        return ids if ids[:1] == [self.start_id] else [self.start_id, *ids]
+        return ids if ids[:1] == [self.start_id] or (ids and self.prompt_is_start) else [self.start_id, *ids]
 
     def chat_prompt(self, conversation: Conversation) -> list[int]:
         return self.prompt_ids(caption_prompt_text(conversation))
