@@ -214,10 +214,16 @@ class BatchStore:
     def record_line(self, batch_id: str, line_no: int, status_code: int, result: bytes) -> BatchStatus:
         """Answer a line (only if it is still pending) and return the batch's status, which tells the
         worker whether a cancel arrived."""
+        return self.answer_line(batch_id, line_no, status_code, result)[0]
+
+    def answer_line(self, batch_id: str, line_no: int, status_code: int, result: bytes) -> tuple[BatchStatus, bool]:
+        """`record_line`, and whether this answer is the one stored (False: the line was answered already,
+        by another worker process on the same database): only the stored answer is charged and audited."""
         with self._transaction() as db:
-            db.execute("UPDATE batch_lines SET status_code = ?, result = ? WHERE batch_id = ? AND line_no = ? "
-                       "AND status_code IS NULL", (status_code, result, batch_id, line_no))
-            return db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0]
+            stored = db.execute("UPDATE batch_lines SET status_code = ?, result = ? WHERE batch_id = ? AND "
+                                "line_no = ? AND status_code IS NULL",
+                                (status_code, result, batch_id, line_no)).rowcount == 1
+            return db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0], stored
 
     def finalize(self, batch_id: str, from_status: BatchStatus, to: BatchStatus) -> bool:
         """Write the output file (answered lines with status 200) and the error file (the others; when
