@@ -1,4 +1,4 @@
-"""`mmserve`: serve, caption, ask, train-demo, keys, audit."""
+"""`mmserve`: serve, caption, ask, train-demo, keys, audit, canary."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ def _load_one(settings: Settings):
     """The one model `caption` and `ask` use: --model DIR (or the bundled one), as a OneShot."""
     from app.models.families import load_family_model
     from app.models.oneshot import OneShot
+    from llm.hardware import resolve_dtype
     from llm.loading.errors import ModelDirError
 
     try:
-        return OneShot(load_family_model(settings.model, max_context=settings.max_model_len or None))
+        return OneShot(load_family_model(settings.model, max_context=settings.max_model_len or None,
+                                         dtype=resolve_dtype(settings.dtype)))
     except (ModelDirError, ValueError) as e:
         raise SystemExit(_fail(str(e))) from None
 
@@ -52,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llm.loading.errors import ModelDirError
 
     settings = Settings.from_env(host=args.host, port=args.port, models=tuple(args.model or ()) or None,
-                                 models_file=args.models)
+                                 models_file=args.models, canary=tuple(args.canary or ()) or None)
     try:
         models = load_models(settings)
         app = create_app(settings, models)
@@ -61,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{settings.host}:{settings.port}"
     registry = app.state.registry
     names = ", ".join(f"{m.name!r} ({m.family}, version {m.version})" for m in registry)
+    names += "".join(f"; canary {name}@{m.version}" for name, m in registry.canaries.items())
     print(f"mmserve: serving {names} at {url}" + (f"; model {registry.routed_alias!r} routes between them"
                                                  if len(registry.models) > 1 and registry.routed_alias else ""),
           flush=True)
@@ -204,8 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
     serve.add_argument("--model", action="append", metavar="NAME=DIR",
-                       help="a model to serve, NAME=DIR or DIR (repeat for several; default: $MMSERVE_MODEL or "
+                       help="a model to serve, NAME=DIR, NAME@VERSION=DIR or DIR (repeat for several; the same NAME "
+                            "with two versions: the second is the canary; default: $MMSERVE_MODEL or "
                             f"the bundled demo model, {BUNDLED_MODEL})")
+    serve.add_argument("--canary", action="append", metavar="NAME@VERSION=WEIGHT",
+                       help="the canary's starting share (NAME@VERSION=0.1, or NAME@VERSION=shadow:0.5 for shadow "
+                            "copies); default 0: set it later with `mmserve canary set`")
     serve.add_argument("--models", default=None, metavar="FILE",
                        help="a models.toml: one [[model]] table per model (name, path, family, dtype, "
                             "visual_tokens, version, aliases, memory_share)")
@@ -266,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("file", metavar="FILE", help="the audit log (its rotated FILE.000001... are read too)")
     verify.add_argument("--no-rotated", action="store_true", help="check FILE alone")
     verify.set_defaults(func=cmd_audit_verify)
+    from app.canary.cli import add_canary_parser
+
+    add_canary_parser(sub)
     return parser
 
 

@@ -8,6 +8,14 @@ and output files are built from those rows alone.
 
 WAL with synchronous=NORMAL: a committed transaction survives the process being killed; a power cut
 may roll back the last few, which only sends those lines back to pending.
+
+Several workers (processes, Ray Serve replicas) may share one store: a batch is worked by one of them at
+a time, the holder of its lease (`batch_leases`: owner id and expiry, wall-clock seconds since all the
+workers of a host read the same clock). The owner renews it while it works (`renew_lease`), gives it
+back when it stops (`release_lease`); a worker killed without a word leaves it to expire, and the next
+`claim_batch` after that takes the batch over. Answers are fenced by the lease: `record_line` writes
+only for the current owner, so a worker that stalled past its expiry and lost the batch cannot write
+into it (its line runs again under the new owner, and is answered once).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,10 +33,10 @@ from app.batches.input_file import BatchLine
 from app.batches.schemas import (ACTIVE_STATUSES, Batch, BatchError, BatchErrors, BatchStatus, CreateBatchRequest,
                                  FileObject, LineError, OutputLine, RequestCounts)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added batch_leases; a version-1 file is upgraded in place (the table is new)
 # Files and batches belong to a tenant ("" = the open server's), and a batch runs as the key that made it.
 # A database made before tenants gets these columns added (its rows belong to ""); the columns have
-# defaults, so the version stays 1 and an older mmserve still reads and writes the database.
+# defaults, so an older mmserve still reads and writes the database.
 TENANT_COLUMNS = (("files", "tenant"), ("batches", "tenant"), ("batches", "key_id"))
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -47,11 +55,17 @@ CREATE TABLE IF NOT EXISTS batch_lines (
     result BLOB,          -- the output line (JSON), written with status_code in one transaction
     PRIMARY KEY (batch_id, line_no)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS batch_lines_by_status ON batch_lines (batch_id, status_code);
+CREATE TABLE IF NOT EXISTS batch_leases (
+    batch_id TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
 """
 _COUNTS = """(SELECT COUNT(*) FROM batch_lines l WHERE l.batch_id = b.id AND l.status_code = 200) AS completed,
              (SELECT COUNT(*) FROM batch_lines l WHERE l.batch_id = b.id AND l.status_code <> 200) AS failed"""
 _TIMESTAMPED = frozenset({"in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled"})
 SECONDS_IN_WINDOW = 24 * 3600
+
+
+class LeaseLost(Exception):
+    """The worker's lease on a batch expired and another worker took the batch over."""
 
 
 class BatchStore:
@@ -63,7 +77,7 @@ class BatchStore:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise sqlite3.DatabaseError(f"{path}: batch database schema version {version}; "
                                         f"this mmserve reads version {SCHEMA_VERSION}")
         self.conn.executescript(SCHEMA)  # idempotent; executescript runs outside any transaction
@@ -162,11 +176,48 @@ class BatchStore:
         return [_batch(r) for r in rows[:limit]], len(rows) > limit
 
     def next_active_batch(self) -> Batch | None:
-        """The oldest batch the worker still has work in (what a restart resumes first)."""
+        """The oldest batch some worker still has work in."""
         marks = ", ".join("?" * len(ACTIVE_STATUSES))
         row = self.conn.execute(f"SELECT b.*, {_COUNTS} FROM batches b WHERE b.status IN ({marks}) "
                                 "ORDER BY b.rowid LIMIT 1", ACTIVE_STATUSES).fetchone()
         return _batch(row) if row else None
+
+    # -- leases ------------------------------------------------------------------------------------
+    def claim_batch(self, owner: str, lease_s: float,
+                    dead: Callable[[str], bool] = lambda _: False) -> tuple[Batch, str | None] | None:
+        """Lease the oldest active batch nobody holds (no lease, an expired one, one of `owner`'s own, or
+        one whose owner `dead` says is gone: a killed server restarted on the same host need not wait for
+        the expiry) to `owner` for `lease_s` seconds. Returns the batch and the owner it was taken over
+        from (None when it was free), or None when there is no such batch. One transaction: two workers
+        claiming at once get different batches, or one gets None."""
+        marks = ", ".join("?" * len(ACTIVE_STATUSES))
+        with self._transaction() as db:
+            now = time.time()
+            rows = db.execute(f"SELECT b.id, l.owner, l.expires_at FROM batches b LEFT JOIN batch_leases l "
+                              f"ON l.batch_id = b.id WHERE b.status IN ({marks}) ORDER BY b.rowid",
+                              ACTIVE_STATUSES).fetchall()
+            free = next((r for r in rows if r[1] is None or r[1] == owner or r[2] < now or dead(r[1])), None)
+            if free is None:
+                return None
+            db.execute("INSERT OR REPLACE INTO batch_leases (batch_id, owner, expires_at) VALUES (?, ?, ?)",
+                       (free[0], owner, now + lease_s))
+        batch = self.get_batch(free[0], None)  # whoever's: the worker runs every tenant's batches
+        assert batch is not None, "a leased batch is never deleted"
+        return batch, (free[1] if free[1] not in (None, owner) else None)
+
+    def renew_lease(self, batch_id: str, owner: str, lease_s: float) -> bool:
+        """Push the expiry on; False when `owner` no longer holds the lease (it was taken over)."""
+        with self._transaction() as db:
+            return db.execute("UPDATE batch_leases SET expires_at = ? WHERE batch_id = ? AND owner = ?",
+                              (time.time() + lease_s, batch_id, owner)).rowcount == 1
+
+    def release_lease(self, batch_id: str, owner: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM batch_leases WHERE batch_id = ? AND owner = ?", (batch_id, owner))
+
+    def lease_owner(self, batch_id: str) -> str | None:
+        row = self.conn.execute("SELECT owner FROM batch_leases WHERE batch_id = ?", (batch_id,)).fetchone()
+        return row[0] if row else None
 
     def request_cancel(self, batch_id: str, tenant: str = "") -> Batch | None:
         with self._transaction() as db:
@@ -211,15 +262,21 @@ class BatchStore:
                                  (batch_id, after_line, limit)).fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]
 
-    def record_line(self, batch_id: str, line_no: int, status_code: int, result: bytes) -> BatchStatus:
+    def record_line(self, batch_id: str, line_no: int, status_code: int, result: bytes,
+                    owner: str | None = None) -> BatchStatus:
         """Answer a line (only if it is still pending) and return the batch's status, which tells the
-        worker whether a cancel arrived."""
-        return self.answer_line(batch_id, line_no, status_code, result)[0]
+        worker whether a cancel arrived. With `owner`, only while that worker holds the batch's lease:
+        LeaseLost otherwise, and nothing is written."""
+        return self.answer_line(batch_id, line_no, status_code, result, owner)[0]
 
-    def answer_line(self, batch_id: str, line_no: int, status_code: int, result: bytes) -> tuple[BatchStatus, bool]:
-        """`record_line`, and whether this answer is the one stored (False: the line was answered already,
-        by another worker process on the same database): only the stored answer is charged and audited."""
+    def answer_line(self, batch_id: str, line_no: int, status_code: int, result: bytes,
+                    owner: str | None = None) -> tuple[BatchStatus, bool]:
+        """`record_line`, and whether this answer is the one stored (False: the line was answered
+        already): only the stored answer is charged and audited."""
         with self._transaction() as db:
+            if owner is not None and db.execute("SELECT 1 FROM batch_leases WHERE batch_id = ? AND owner = ?",
+                                                (batch_id, owner)).fetchone() is None:
+                raise LeaseLost(f"{owner} no longer holds the lease on {batch_id}")
             stored = db.execute("UPDATE batch_lines SET status_code = ?, result = ? WHERE batch_id = ? AND "
                                 "line_no = ? AND status_code IS NULL",
                                 (status_code, result, batch_id, line_no)).rowcount == 1
