@@ -267,13 +267,20 @@ class BatchStore:
         """Answer a line (only if it is still pending) and return the batch's status, which tells the
         worker whether a cancel arrived. With `owner`, only while that worker holds the batch's lease:
         LeaseLost otherwise, and nothing is written."""
+        return self.answer_line(batch_id, line_no, status_code, result, owner)[0]
+
+    def answer_line(self, batch_id: str, line_no: int, status_code: int, result: bytes,
+                    owner: str | None = None) -> tuple[BatchStatus, bool]:
+        """`record_line`, and whether this answer is the one stored (False: the line was answered
+        already): only the stored answer is charged and audited."""
         with self._transaction() as db:
             if owner is not None and db.execute("SELECT 1 FROM batch_leases WHERE batch_id = ? AND owner = ?",
                                                 (batch_id, owner)).fetchone() is None:
                 raise LeaseLost(f"{owner} no longer holds the lease on {batch_id}")
-            db.execute("UPDATE batch_lines SET status_code = ?, result = ? WHERE batch_id = ? AND line_no = ? "
-                       "AND status_code IS NULL", (status_code, result, batch_id, line_no))
-            return db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0]
+            stored = db.execute("UPDATE batch_lines SET status_code = ?, result = ? WHERE batch_id = ? AND "
+                                "line_no = ? AND status_code IS NULL",
+                                (status_code, result, batch_id, line_no)).rowcount == 1
+            return db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0], stored
 
     def finalize(self, batch_id: str, from_status: BatchStatus, to: BatchStatus) -> bool:
         """Write the output file (answered lines with status 200) and the error file (the others; when

@@ -193,9 +193,10 @@ class BatchWorker:
             try:
                 record, refusal = self.accounting.start(key_id, batch_id, custom_id, f"req_{uuid.uuid4().hex}")
                 status_code, result = await self._answer(custom_id, body, record, refusal)
-                status: BatchStatus = await self.db(self.store.record_line, batch_id, line_no, status_code, result,
-                                                    self.owner)
-                self.accounting.finish(record, status_code)  # after the answer is stored: never twice
+                status, stored = await self.db(self.store.answer_line, batch_id, line_no, status_code, result,
+                                               self.owner)
+                if stored:  # after the answer is stored, and only the stored one: never twice
+                    self.accounting.finish(record, status_code)
                 cancelled = cancelled or status != "in_progress"
             except LeaseLost:
                 cancelled = lost = True  # stop starting lines; those in flight find out the same way
