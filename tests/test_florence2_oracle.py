@@ -16,7 +16,7 @@ from app.models.families import detect_family
 from app.models.families.base import PromptError
 from app.models.families.florence2 import Florence2Model
 from app.models.families.florence2_prompts import TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT
-from bench.bart_checkpoints import PRESETS, write_florence2_checkpoint
+from bench.florence2_checkpoint import PRESETS, write_florence2_checkpoint
 from llm.engine import ImageInput
 from llm.generate import generate_greedy, teacher_forced_logits
 from llm.params import SamplingParams
