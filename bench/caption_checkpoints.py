@@ -138,3 +138,28 @@ def write_ved(path: str | Path, encoder: str, decoder: str, encoder_shape: dict 
     word_tokenizer(dec.vocab_size).save_pretrained(path)
     _image_processor(encoder, image_size or enc.image_size).save_pretrained(path)
     return model
+
+
+# The published base shapes (random weights): Salesforce/blip-image-captioning-base,
+# nlpconnect/vit-gpt2-image-captioning, microsoft/trocr-base-handwritten
+VIT_BASE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16)
+BASE_BLIP = {"vision": dict(VIT_BASE, image_size=384, layer_norm_eps=1e-5),
+             "text": dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, max_position_embeddings=512)}
+BASE_VED = {
+    "vit-gpt2": ("vit", "gpt2", dict(VIT_BASE, image_size=224),
+                 dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)),
+    "trocr": ("vit", "trocr", dict(VIT_BASE, image_size=384, qkv_bias=False),
+              dict(vocab_size=50265, d_model=1024, decoder_layers=12, decoder_attention_heads=16,
+                   decoder_ffn_dim=4096, max_position_embeddings=512, layernorm_embedding=True,
+                   scale_embedding=False, use_learned_position_embeddings=True)),
+}
+
+
+def write_base(path: str | Path, family: str, seed: int = 0) -> None:
+    """One of the benchmark's base checkpoints: "blip", "vit-gpt2" or "trocr"."""
+    if family == "blip":
+        write_blip(path, BASE_BLIP, seed)
+    else:
+        encoder, decoder, enc, dec = BASE_VED[family]
+        write_ved(path, encoder, decoder, enc, dec, seed=seed)

@@ -25,6 +25,7 @@ from app.settings import Settings
 from llm.async_engine import AsyncEngine
 from llm.engine import Engine
 from llm.packed_linear import dense_copy
+from vision.encoders.base import CastableEncoder, ImageEncoder
 from vision.stage import VisionStage, parse_visual_tokens
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -64,7 +65,7 @@ class ServedModel:
             metrics.bind_engine(name, engine.stats)
         self.engine.start()
         if self.model.encoder is not None:
-            self.vision = VisionStage(self.model.encoder, self._vision_config())
+            self.vision = VisionStage(self._encoder(), self._vision_config())
 
     def stop(self) -> None:
         if self.engine is not None:
@@ -79,6 +80,13 @@ class ServedModel:
         if self.dtype in ("", "auto", "float32"):
             return decoder
         return dense_copy(decoder).to(getattr(torch, self.dtype))
+
+    def _encoder(self) -> ImageEncoder:
+        """The image encoder in this entry's dtype where it can run in another (CastableEncoder), else as loaded."""
+        encoder = self.model.encoder
+        if self.dtype in ("", "auto", "float32") or not isinstance(encoder, CastableEncoder):
+            return encoder
+        return encoder.cast(getattr(torch, self.dtype))
 
     def _vision_config(self):
         base = self.settings.vision_stage_config

@@ -43,3 +43,11 @@ class ImageEncoder(Protocol):
     saliency_query: torch.Tensor | None  # a query in the tokens' space for "keep"; None: rank by norm
 
     def encode(self, images: list[Image.Image]) -> list[ImageFeatures]: ...
+
+
+@runtime_checkable
+class CastableEncoder(Protocol):
+    """An encoder that can run in another dtype (a served model's bfloat16 entry): `cast` returns a copy
+    whose `name` names the dtype, so its features never share a cache key with the fp32 ones."""
+
+    def cast(self, dtype: torch.dtype) -> ImageEncoder: ...

@@ -18,6 +18,7 @@ are `preprocess_cfg`, part of the feature-cache key with `name` and `weights_dig
 from __future__ import annotations
 
 import json
+from copy import deepcopy as copy_module
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +76,13 @@ class HFVisionEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.tower.parameters()).dtype
 
-    def to(self, dtype: torch.dtype) -> "HFVisionEncoder":
-        """The tower (and projection) in `dtype`; the features come out in it too."""
-        self.tower.to(dtype)
-        if self.projection is not None:
-            self.projection.to(dtype)
-        return self
+    def cast(self, dtype: torch.dtype) -> "HFVisionEncoder":
+        """A copy whose tower (and projection) run in `dtype`; its features come out in it too."""
+        if dtype == self.dtype:
+            return self
+        copy = lambda m: None if m is None else copy_module(m).to(dtype)  # noqa: E731
+        return HFVisionEncoder(copy(self.tower), self.preprocess_cfg, f"{self.name}@{str(dtype).removeprefix('torch.')}",
+                               self.weights_digest, copy(self.projection))
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
