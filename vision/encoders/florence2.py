@@ -19,6 +19,7 @@ Reference: Xiao et al., "Florence-2: Advancing a Unified Representation for a Va
 from __future__ import annotations
 
 import hashlib
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +99,15 @@ class Florence2VisionEncoder:
         return cls(inner.vision_tower, inner.multi_modal_projector, Florence2PreprocessCfg(preprocess), name,
                    weights_digest(state))
 
+    def cast(self, dtype: torch.dtype) -> "Florence2VisionEncoder":
+        """A copy running in `dtype` (a served bfloat16 entry: CastableEncoder), named apart in the
+        feature cache; its tokens come out in `dtype`."""
+        if dtype == next(self.tower.parameters()).dtype:
+            return self
+        return Florence2VisionEncoder(deepcopy(self.tower).to(dtype), deepcopy(self.projector).to(dtype),
+                                      self.preprocess_cfg, f"{self.name}@{str(dtype).removeprefix('torch.')}",
+                                      self.weights_digest)
+
     @property
     def tokens_per_image(self) -> int:
         return int(self.preprocess_cfg.settings.get("image_seq_length", 577))
@@ -107,7 +117,8 @@ class Florence2VisionEncoder:
 
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor) -> list[ImageFeatures]:
-        tokens = self.projector(self.tower(pixel_values).last_hidden_state)  # [B, 1 + h*w, d_model]
+        dtype = next(self.tower.parameters()).dtype
+        tokens = self.projector(self.tower(pixel_values.to(dtype)).last_hidden_state)  # [B, 1 + h*w, d_model]
         return [ImageFeatures(t.mean(0), t) for t in tokens]
 
     def encode(self, images: list[Image.Image]) -> list[ImageFeatures]:
