@@ -19,7 +19,7 @@ Reference: Xiao et al., "Florence-2: Advancing a Unified Representation for a Va
 from __future__ import annotations
 
 import hashlib
-from copy import deepcopy as copy_module
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
@@ -107,8 +107,9 @@ class Florence2VisionEncoder:
         """A copy whose tower and projector run in `dtype` (CastableEncoder); the cache key names the dtype."""
         if dtype == self.dtype:
             return self
-        return Florence2VisionEncoder(copy_module(self.tower).to(dtype), copy_module(self.projector).to(dtype),
-                                      self.preprocess_cfg, self.name, self.weights_digest)
+        return Florence2VisionEncoder(deepcopy(self.tower).to(dtype), deepcopy(self.projector).to(dtype),
+                                      self.preprocess_cfg, f"{self.name}@{str(dtype).removeprefix('torch.')}",
+                                      self.weights_digest)
 
     @property
     def tokens_per_image(self) -> int:
