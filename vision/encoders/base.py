@@ -35,6 +35,7 @@ class PreprocessConfig(Protocol):
 class ImageEncoder(Protocol):
     name: str
     weights_digest: str  # names the weights in every feature-cache key
+    dtype: torch.dtype  # what it computes in: features differ by dtype, so the feature-cache key names it too
     preprocess_cfg: PreprocessConfig
     # May the stage reduce the tokens (pool, merge, keep)? False when a decoder addresses them by
     # position (Mllama's tiles).

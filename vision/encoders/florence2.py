@@ -19,7 +19,7 @@ Reference: Xiao et al., "Florence-2: Advancing a Unified Representation for a Va
 from __future__ import annotations
 
 import hashlib
-from copy import deepcopy
+from copy import deepcopy as copy_module
 from dataclasses import dataclass, field
 
 import torch
@@ -99,14 +99,16 @@ class Florence2VisionEncoder:
         return cls(inner.vision_tower, inner.multi_modal_projector, Florence2PreprocessCfg(preprocess), name,
                    weights_digest(state))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.tower.parameters()).dtype
+
     def cast(self, dtype: torch.dtype) -> "Florence2VisionEncoder":
-        """A copy running in `dtype` (a served bfloat16 entry: CastableEncoder), named apart in the
-        feature cache; its tokens come out in `dtype`."""
-        if dtype == next(self.tower.parameters()).dtype:
+        """A copy whose tower and projector run in `dtype` (CastableEncoder); the cache key names the dtype."""
+        if dtype == self.dtype:
             return self
-        return Florence2VisionEncoder(deepcopy(self.tower).to(dtype), deepcopy(self.projector).to(dtype),
-                                      self.preprocess_cfg, f"{self.name}@{str(dtype).removeprefix('torch.')}",
-                                      self.weights_digest)
+        return Florence2VisionEncoder(copy_module(self.tower).to(dtype), copy_module(self.projector).to(dtype),
+                                      self.preprocess_cfg, self.name, self.weights_digest)
 
     @property
     def tokens_per_image(self) -> int:
@@ -117,8 +119,7 @@ class Florence2VisionEncoder:
 
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor) -> list[ImageFeatures]:
-        dtype = next(self.tower.parameters()).dtype
-        tokens = self.projector(self.tower(pixel_values.to(dtype)).last_hidden_state)  # [B, 1 + h*w, d_model]
+        tokens = self.projector(self.tower(pixel_values.to(self.dtype)).last_hidden_state)  # [B, 1 + h*w, d_model]
         return [ImageFeatures(t.mean(0), t) for t in tokens]
 
     def encode(self, images: list[Image.Image]) -> list[ImageFeatures]:

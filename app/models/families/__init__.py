@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from app.models.families.base import FamilyModel, PromptError
 from app.models.families.blip import BlipModel
 from app.models.families.coca import CoCaModel
@@ -43,10 +45,12 @@ def detect_family(path: Path) -> str:
                         f"supported: {DESCRIBED}")
 
 
-def load_family_model(path: Path, family: str = "", max_context: int | None = None) -> FamilyModel:
-    """`family` "" = detected. `max_context` caps a family whose configured context is longer."""
+def load_family_model(path: Path, family: str = "", max_context: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> FamilyModel:
+    """`family` "" = detected. `max_context` caps a family whose configured context is longer. `dtype`:
+    what the decoder and the vision tower compute in (llm/hardware.py resolve_dtype)."""
     path = Path(path)
     family = family or detect_family(path)
     if family not in FAMILIES:
         raise ModelDirError(f"model family {family!r} is not supported; supported: {DESCRIBED}")
-    return FAMILIES[family].load(path, max_context)
+    return FAMILIES[family].load(path, max_context, dtype)

@@ -40,9 +40,14 @@ class FamilyModel(Protocol):
     vocabulary: Vocabulary | None  # each token's surface form, for grammars; None: no structured output
     tool_format: JsonToolCalls | None  # how it writes a tool call; None: no tool calling
     contrastive: ContrastiveTowers | None
+    dtype: torch.dtype  # of the decoder and the vision tower, weights and activations (the text tower stays fp32)
 
     @property
     def context_length(self) -> int: ...
+
+    def with_dtype(self, dtype: torch.dtype) -> "FamilyModel":
+        """This model computing in `dtype`: itself when it already does, else a converted copy (this
+        one is left as it is: a caller may hold it)."""
 
     def chat_prompt(self, conversation: Conversation) -> list[int]:
         """The prompt ids of a conversation whose last message is the user's; raises PromptError."""

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from app.chat.conversation import Conversation
-from app.models.families.captioner import CAPTIONER, caption_prompt_text
+from app.models.families.captioner import CAPTIONER, caption_prompt_text, with_dtype
 from llm.loading.errors import ModelDirError
 from llm.loading.hf import file_digest, load_tensors, read_config, read_json, safetensors_files
 from llm.loading.hf_text_tokenizer import HFTextTokenizer
@@ -42,6 +44,7 @@ class BlipModel:
         config = BlipConfig.from_dict(raw)
         tensors = load_tensors(path, ("text_decoder.",))
         self.name = path.name
+        self.dtype = torch.float32  # as loaded; with_dtype converts
         self.weights_digest = file_digest(safetensors_files(path))
         self.tokenizer = HFTextTokenizer(path)
         self.encoder = blip_encoder(path, read_json(path / "preprocessor_config.json"), self.name,
@@ -57,8 +60,11 @@ class BlipModel:
         self.stop_ids = (int(text.sep_token_id),)
 
     @classmethod
-    def load(cls, path: Path, max_context: int | None = None) -> "BlipModel":
-        return cls(path, max_context)
+    def load(cls, path: Path, max_context: int | None = None, dtype: torch.dtype = torch.float32) -> "BlipModel":
+        return cls(path, max_context).with_dtype(dtype)
+
+    def with_dtype(self, dtype: torch.dtype) -> "BlipModel":
+        return with_dtype(self, dtype)
 
     @staticmethod
     def detect(path: Path) -> bool:

@@ -5,7 +5,10 @@ decoder (app/models/oneshot.py)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+
+import torch
 
 from app.chat.conversation import Conversation
 from app.models.capabilities import Capabilities
@@ -13,6 +16,8 @@ from app.models.families.base import PromptError
 from llm.loading.chat_format import CAPTION_QUESTION
 from llm.loading.errors import ModelDirError
 from llm.loading.hf import read_json
+from llm.packed_linear import dense_copy
+from vision.encoders.base import CastableEncoder
 
 # Caption-only, one image, an optional text prefix; no text-only turns, no embeddings, no grammars
 CAPTIONER = Capabilities(questions=False, captions=True, max_images=1, text_only=False, embeddings=False,
@@ -56,3 +61,16 @@ def stop_ids(path: Path, config: dict, key: str, *sections: str) -> tuple[int, .
     if value is None:
         raise ModelDirError(f"no {key} in {path / 'generation_config.json'} or {path / 'config.json'}")
     return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+
+
+def with_dtype(model, dtype: torch.dtype):
+    """A caption family's model computing in `dtype` (FamilyModel.with_dtype): a copy with its decoder
+    converted and its vision tower cast where it can be (CastableEncoder; the runner casts features from
+    a tower that stays in fp32); `model` itself when it already computes in `dtype`."""
+    if dtype == model.dtype:
+        return model
+    other = copy.copy(model)
+    other.dtype, other.decoder = dtype, dense_copy(model.decoder).to(dtype)
+    if isinstance(model.encoder, CastableEncoder):
+        other.encoder = model.encoder.cast(dtype)
+    return other

@@ -29,7 +29,7 @@ import torch
 
 from app.chat.conversation import Conversation
 from app.models.families.base import PromptError
-from app.models.families.captioner import CAPTIONER, caption_prompt_text
+from app.models.families.captioner import CAPTIONER, caption_prompt_text, with_dtype
 from app.models.families.florence2_prompts import DEFAULT_TASK, TaskPromptError, encoder_text
 from llm.engine import ImageInput
 from llm.loading.bart_weights import BartLayout, bart_decoder
@@ -73,6 +73,7 @@ class Florence2Model:
             raise ModelDirError(f"{path / 'config.json'} is not a {ARCHITECTURE} checkpoint")
         text = config["text_config"]
         self.name = path.name
+        self.dtype = torch.float32  # as loaded; with_dtype converts
         self.weights_digest = file_digest(safetensors_files(path))
         self.tokenizer = HFTextTokenizer(path)
         tensors = load_tensors(path, (LM, "lm_head.") + VISION_PREFIXES)
@@ -92,8 +93,11 @@ class Florence2Model:
         self.stop_ids = (self.eos_id,)
 
     @classmethod
-    def load(cls, path: Path, max_context: int | None = None) -> "Florence2Model":
-        return cls(path, max_context)
+    def load(cls, path: Path, max_context: int | None = None, dtype: torch.dtype = torch.float32) -> "Florence2Model":
+        return cls(path, max_context).with_dtype(dtype)
+
+    def with_dtype(self, dtype: torch.dtype) -> "Florence2Model":
+        return with_dtype(self, dtype)
 
     @staticmethod
     def detect(path: Path) -> bool:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from app.chat.conversation import Conversation
-from app.models.families.captioner import CAPTIONER, caption_prompt_text, required_id, stop_ids
+from app.models.families.captioner import CAPTIONER, caption_prompt_text, required_id, stop_ids, with_dtype
 from llm.loading.errors import ModelDirError
 from llm.loading.hf import file_digest, load_tensors, read_config, read_json, safetensors_files
 from llm.loading.hf_text_tokenizer import HFTextTokenizer
@@ -52,6 +54,7 @@ class VEDModel:
         config = VisionEncoderDecoderConfig.from_dict(raw)
         tensors = load_tensors(path, ("decoder.", "enc_to_dec_proj."))
         self.name = path.name
+        self.dtype = torch.float32  # as loaded; with_dtype converts
         self.weights_digest = file_digest(safetensors_files(path))
         self.tokenizer = HFTextTokenizer(path)
         preprocess = read_json(path / "preprocessor_config.json")
@@ -70,8 +73,11 @@ class VEDModel:
         self.stop_ids = stop_ids(path, raw, "eos_token_id", "decoder")
 
     @classmethod
-    def load(cls, path: Path, max_context: int | None = None) -> "VEDModel":
-        return cls(path, max_context)
+    def load(cls, path: Path, max_context: int | None = None, dtype: torch.dtype = torch.float32) -> "VEDModel":
+        return cls(path, max_context).with_dtype(dtype)
+
+    def with_dtype(self, dtype: torch.dtype) -> "VEDModel":
+        return with_dtype(self, dtype)
 
     @staticmethod
     def detect(path: Path) -> bool:
