@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from bench.report import command_line, publish, table
 from bench.server_process import Launch, free_port, serving
@@ -42,7 +43,7 @@ def data_urls(n: int) -> list[str]:
     urls = []
     for seed in range(n):
         buf = io.BytesIO()
-        world.render(world.sample_scene(random.Random(seed))).save(buf, "PNG")
+        world.render(world.sample_scene(np.random.default_rng(seed))).save(buf, "PNG")
         urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
     return urls
 

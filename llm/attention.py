@@ -22,6 +22,9 @@ Two groups, because they want different shapes:
 GQA never repeats K/V: the query heads that share a K/V head are folded into the query length
 ([kv_heads, group * T, head_dim]), so one SDPA call serves the whole group.
 
+Either pool may hold int8 K/V (llm/kv_cache.py, `kv_cache_dtype=int8`): what attention reads is
+dequantized (`dense`) into the query's dtype first, the pools' new K/V quantized as they are written.
+
 Attention kernels: torch SDPA (flash / memory-efficient / math, whichever the device has); on CUDA
 with xformers installed, prefill chunks use xformers' memory-efficient attention. xformers raises
 NotImplementedError on CPU, so it is detected, never required.

@@ -1,5 +1,5 @@
 """Donut (VisionEncoderDecoderModel: DonutSwin + MBartForCausalLM) against transformers' own (5.24) on a
-random-weight checkpoint it saved (bench/bart_checkpoints.py): the task prompt as the decoder's start
+random-weight checkpoint it saved (bench/donut_checkpoint.py): the task prompt as the decoder's start
 (generate adds no start token before a Donut's prompt), logits to 1e-4 relative in fp32 whole and one
 token at a time, greedy tokens equal to `generate(do_sample=False, num_beams=1)` (forced </s> at the
 length limit), and the same answer through the chat API with the official openai client."""
@@ -21,7 +21,7 @@ from app.models.families import detect_family
 from app.models.families.ved import VEDModel
 from app.server import create_app
 from app.settings import Settings
-from bench.bart_checkpoints import TINY_DONUT, write_donut_checkpoint
+from bench.donut_checkpoint import TINY_DONUT, write_donut_checkpoint
 from llm.generate import generate_greedy, teacher_forced_logits
 from llm.models.bart import BartDecoder
 from llm.params import SamplingParams

@@ -18,7 +18,7 @@ from app.models.families import load_family_model
 from app.models.oneshot import OneShot
 from app.server import create_app
 from app.settings import Settings
-from bench.bart_checkpoints import PRESETS, write_florence2_checkpoint
+from bench.florence2_checkpoint import PRESETS, write_florence2_checkpoint
 
 N = 10  # generate's max_new_tokens: the forced <s>, 8 tokens, the forced </s>
 

@@ -16,7 +16,7 @@ from app.models.families import detect_family
 from app.models.families.base import PromptError
 from app.models.families.florence2 import Florence2Model
 from app.models.families.florence2_prompts import TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT
-from bench.bart_checkpoints import PRESETS, write_florence2_checkpoint
+from bench.florence2_checkpoint import PRESETS, write_florence2_checkpoint
 from llm.engine import ImageInput
 from llm.generate import generate_greedy, teacher_forced_logits
 from llm.params import SamplingParams
@@ -123,3 +123,15 @@ def test_bf16_decoder_tracks_fp32_transformers(florence):
     ref = hf(**processor(text="<CAPTION>", images=image, return_tensors="pt"), decoder_input_ids=tgt).logits
     got = teacher_forced_logits(half, [memory(ours, image, "<CAPTION>")], tgt, chunk=2)
     assert float((got - ref).abs().max() / ref.abs().max()) <= 3e-2
+
+
+@torch.inference_mode()
+def test_a_bf16_tower_is_named_apart_and_tracks_fp32(florence):
+    from vision.encoders.base import CastableEncoder
+
+    _, _, _, ours = florence
+    assert isinstance(ours.encoder, CastableEncoder)
+    half = ours.encoder.cast(torch.bfloat16)
+    assert half.name != ours.encoder.name and half.weights_digest == ours.encoder.weights_digest
+    (a,), (b,) = ours.encoder.encode([picture(41)]), half.encode([picture(41)])
+    assert b.tokens.dtype == torch.bfloat16 and float((b.tokens.float() - a.tokens).abs().max() / a.tokens.abs().max()) < 3e-2

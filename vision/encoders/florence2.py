@@ -19,6 +19,7 @@ Reference: Xiao et al., "Florence-2: Advancing a Unified Representation for a Va
 from __future__ import annotations
 
 import hashlib
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +100,18 @@ class Florence2VisionEncoder:
                    weights_digest(state))
 
     @property
+    def dtype(self) -> torch.dtype:
+        return next(self.tower.parameters()).dtype
+
+    def cast(self, dtype: torch.dtype) -> "Florence2VisionEncoder":
+        """A copy whose tower and projector run in `dtype` (CastableEncoder); the cache key names the dtype."""
+        if dtype == self.dtype:
+            return self
+        return Florence2VisionEncoder(deepcopy(self.tower).to(dtype), deepcopy(self.projector).to(dtype),
+                                      self.preprocess_cfg, f"{self.name}@{str(dtype).removeprefix('torch.')}",
+                                      self.weights_digest)
+
+    @property
     def tokens_per_image(self) -> int:
         return int(self.preprocess_cfg.settings.get("image_seq_length", 577))
 
@@ -107,7 +120,7 @@ class Florence2VisionEncoder:
 
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor) -> list[ImageFeatures]:
-        tokens = self.projector(self.tower(pixel_values).last_hidden_state)  # [B, 1 + h*w, d_model]
+        tokens = self.projector(self.tower(pixel_values.to(self.dtype)).last_hidden_state)  # [B, 1 + h*w, d_model]
         return [ImageFeatures(t.mean(0), t) for t in tokens]
 
     def encode(self, images: list[Image.Image]) -> list[ImageFeatures]:
