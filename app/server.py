@@ -167,7 +167,7 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     # path or method no route serves (404, 405) gets its id too, in the header and the error body.
     # The key check and the request's end (quota charged, audit written) wrap it too, inside the id: every
     # path meets the same check, however it is spelled (app/tenancy/middleware.py).
-    tenancy = TenancyMiddleware(app.asgi_handler, keys, finalizer, metrics)
+    tenancy = TenancyMiddleware(app.asgi_handler, keys, finalizer, metrics, keep_content=settings.audit_content)
     app.asgi_handler = RequestIdMiddleware(tenancy)
     document_errors(app)
     return app

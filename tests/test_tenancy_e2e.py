@@ -64,7 +64,7 @@ def launch(data_dir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def wait_up(proc: subprocess.Popen, base: str) -> None:
-    deadline = time.monotonic() + 300  # a long while: this machine is shared, and two start at once
+    deadline = time.monotonic() + 600  # a long while: this machine is shared, and two start at once
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:

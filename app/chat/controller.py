@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
@@ -49,6 +50,8 @@ class ChatController(Controller):
         require_model(request, chat.metrics_label(data.model) or data.model)  # NAME@VERSION: NAME's allow-list
         tenant = principal_of(request).cache_salt
         record = record_of(request)  # hears the route, images and tokens: quotas and the audit
+        if record is not None:
+            record.keep(messages=msgspec.to_builtins(data.messages))
         set_request_model(request.scope, chat.metrics_label(data.model))
         degrade = request_degrade(request.scope)
         log_end_user(data.user, data.safety_identifier)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from litestar import Controller, Request, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
@@ -26,7 +27,10 @@ class EmbeddingsController(Controller):
         model = embeddings.model_for(data.model, "embeddings")
         set_request_model(request.scope, model.name)
         log_end_user(data.user)
-        return await embeddings.embed(data, model, principal_of(request).cache_salt, record_of(request))
+        record = record_of(request)
+        if record is not None:
+            record.keep(input=msgspec.to_builtins(data.input))
+        return await embeddings.embed(data, model, principal_of(request).cache_salt, record)
 
 
 class ClassifyController(Controller):
@@ -40,4 +44,7 @@ class ClassifyController(Controller):
         require_model(request, data.model or embeddings.registry.default)
         model = embeddings.model_for(data.model, "zero_shot")
         set_request_model(request.scope, model.name)
-        return await embeddings.classify(data, model, principal_of(request).cache_salt, record_of(request))
+        record = record_of(request)
+        if record is not None:
+            record.keep(image=data.image, labels=data.labels)
+        return await embeddings.classify(data, model, principal_of(request).cache_salt, record)

@@ -68,15 +68,18 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class TenancyMiddleware:
-    def __init__(self, app: ASGIApp, keys: Keys, finalizer: Finalizer, metrics: Metrics) -> None:
-        self.app, self.keys = app, keys
+    def __init__(self, app: ASGIApp, keys: Keys, finalizer: Finalizer, metrics: Metrics,
+                 keep_content: bool = False) -> None:
+        """`keep_content`: the setting audit_content (prompt text and images in the audit record)."""
+        self.app, self.keys, self.keep_content = app, keys, keep_content
         self.finalizer, self.metrics = finalizer, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
-        record = RequestRecord("request", request_id_of(scope), scope["method"], scope["path"])
+        record = RequestRecord("request", request_id_of(scope), scope["method"], scope["path"],
+                               keep_content=self.keep_content)
         state = scope.setdefault("state", {})
         state[RECORD_STATE] = record
 
