@@ -40,13 +40,18 @@ from app.models.served import ServedModel
 from app.request_id import RequestIdMiddleware
 from app.routing.staged import StagedRouter
 from app.settings import Settings
+from llm.quant.scheme import QuantScheme
 
 LoadedModels = list[tuple[ModelEntry, FamilyModel]]
 
 
 def load_models(settings: Settings) -> LoadedModels:
     """Every entry's checkpoint, loaded (raises ModelDirError / ModelEntryError naming the problem)."""
-    return [(entry, load_family_model(entry.path, entry.family, settings.max_model_len or None))
+    def quantize(entry: ModelEntry) -> QuantScheme | None:
+        text = entry.quantize or settings.quantize
+        return QuantScheme.parse(text) if text else None
+
+    return [(entry, load_family_model(entry.path, entry.family, settings.max_model_len or None, quantize(entry)))
             for entry in settings.model_entries()]
 
 

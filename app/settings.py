@@ -13,6 +13,7 @@ from typing import Mapping
 
 from app.models.entry import ModelEntry, load_models_file, memory_shares, parse_model_flag
 from llm.engine import EngineConfig
+from llm.quant.scheme import QuantScheme
 from vision.fetch import FetchPolicy, parse_allowed_hosts
 from vision.intake import IntakeLimits
 from vision.stage import VisionStageConfig, parse_visual_tokens
@@ -47,6 +48,9 @@ class Settings:
     max_num_batched_tokens: int = 1024  # tokens per step, prefill chunks and decodes together
     kv_dtype: str = ""  # "" = the model's dtype; "bfloat16" halves the pool
     dtype: str = "float32"  # the decoder's weights: float32, or bfloat16 (GPUs; CPUs with bf16 matmul units)
+    # Quantize-on-load (llm/quant): "int8" (W8A16), "int4" / "int4-g32|64|128" (W4A16), round-to-nearest,
+    # for every model whose entry sets none; the same weights `mmserve quantize` writes. "" = none.
+    quantize: str = ""
     # torch.compile decode steps: ~20% faster single-stream decoding on a CPU, but each new step shape
     # compiles first (~30-60 s on 2 cores, in the engine thread), so it is off unless asked for.
     compile_decode: bool = False
@@ -111,6 +115,11 @@ class Settings:
             raise ValueError(f"setting dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
         if self.kv_dtype not in ("", "float32", "bfloat16", "float16"):
             raise ValueError(f"setting kv_dtype must be one of '', float32, bfloat16, float16; got {self.kv_dtype!r}")
+        if self.quantize:
+            try:
+                QuantScheme.parse(self.quantize)
+            except ValueError as e:
+                raise ValueError(f"setting quantize: {e}") from None
         if not 0 < self.port < 65536:
             raise ValueError(f"setting port must be in 1..65535, got {self.port}")
         if self.threads < 0 or self.request_timeout_s <= 0:

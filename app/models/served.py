@@ -25,6 +25,7 @@ from app.settings import Settings
 from llm.async_engine import AsyncEngine
 from llm.engine import Engine
 from llm.packed_linear import dense_copy
+from llm.quant import is_quantized
 from vision.stage import VisionStage, parse_visual_tokens
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -76,7 +77,7 @@ class ServedModel:
         """The decoder in this entry's dtype: the loaded one, or a copy in another dtype (the loaded
         one may already be packed for oneDNN, which only a dense copy can convert)."""
         decoder = self.model.decoder
-        if self.dtype in ("", "auto", "float32"):
+        if self.dtype in ("", "auto", "float32") or is_quantized(decoder):  # quantized: bf16 already
             return decoder
         return dense_copy(decoder).to(getattr(torch, self.dtype))
 

@@ -13,6 +13,7 @@ from app.models.families.coca import CoCaModel
 from app.models.families.mllama import MllamaModel
 from llm.loading.errors import ModelDirError
 from llm.loading.hf import read_config
+from llm.quant import QuantScheme, is_quantized, quantize_model
 
 FAMILIES = {"coca": CoCaModel, "mllama": MllamaModel}
 DESCRIBED = "coca (mmserve or open_clip CoCa format), mllama (MllamaForConditionalGeneration)"
@@ -35,10 +36,19 @@ def detect_family(path: Path) -> str:
                         f"supported: {DESCRIBED}")
 
 
-def load_family_model(path: Path, family: str = "", max_context: int | None = None) -> FamilyModel:
-    """`family` "" = detected. `max_context` caps a family whose configured context is longer."""
+def load_family_model(path: Path, family: str = "", max_context: int | None = None,
+                      quantize: QuantScheme | None = None) -> FamilyModel:
+    """`family` "" = detected. `max_context` caps a family whose configured context is longer.
+    `quantize`: the decoder quantized on load (round-to-nearest), the same weights `mmserve quantize`
+    would write."""
     path = Path(path)
     family = family or detect_family(path)
     if family not in FAMILIES:
         raise ModelDirError(f"model family {family!r} is not supported; supported: {DESCRIBED}")
-    return FAMILIES[family].load(path, max_context)
+    model = FAMILIES[family].load(path, max_context)
+    if quantize is not None:
+        if is_quantized(model.decoder):
+            raise ModelDirError(f"{path} is already quantized; serve it without quantize, or quantize the "
+                                f"original checkpoint")
+        model.decoder = quantize_model(model.decoder, quantize)
+    return model

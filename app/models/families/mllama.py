@@ -18,14 +18,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from app.chat.conversation import Conversation, ImageRef, Message
 from app.chat.tools import JsonToolCalls
 from app.models.capabilities import Capabilities
 from app.models.families.base import PromptError
 from llm.loading.chat_template import HFChatTokenizer
 from llm.loading.errors import ModelDirError
+from llm.loading.decoder_checkpoint import configured, load_decoder, read_record
 from llm.loading.hf import file_digest, generation_stop_ids, load_tensors, read_config, read_json, safetensors_files
-from llm.models.mllama import MllamaDecoder, mllama_from_hf_dir
+from llm.models.mllama import MllamaDecoder, MllamaDecoderConfig, mllama_from_hf_dir
 from vision.encoders.mllama import VISION_PREFIXES, MllamaVisionEncoder
 
 FAMILY = "mllama"
@@ -47,7 +50,7 @@ class MllamaModel:
         self.name = path.name
         self.tokenizer = HFChatTokenizer(path)
         self.weights_digest = file_digest(safetensors_files(path))
-        self.decoder: MllamaDecoder = mllama_from_hf_dir(path, max_context)
+        self.decoder: MllamaDecoder = self._load_decoder(path, config, max_context)
         self.encoder = MllamaVisionEncoder.from_state(config["vision_config"], load_tensors(path, VISION_PREFIXES),
                                                       preprocess, self.name)
         self.stop_ids = generation_stop_ids(path, config)
@@ -60,6 +63,17 @@ class MllamaModel:
         self.capabilities = Capabilities(questions=True, captions=True, max_images=MAX_IMAGES, text_only=True,
                                          embeddings=False, zero_shot=False,
                                          structured_output=self.vocabulary is not None, tools=True)
+
+    @staticmethod
+    def _load_decoder(path: Path, config: dict, max_context: int | None) -> MllamaDecoder:
+        """transformers' language-model weights, or the compressed decoder config.json's record names
+        (`mmserve quantize`: llm/loading/decoder_checkpoint.py)."""
+        record = read_record(config, str(path / "config.json"))
+        if record is None:
+            return mllama_from_hf_dir(path, max_context)
+        with torch.device("meta"):
+            empty = MllamaDecoder(configured(MllamaDecoderConfig.from_hf(config, max_context), record))
+        return load_decoder(empty, path, record)
 
     @classmethod
     def load(cls, path: Path, max_context: int | None = None) -> "MllamaModel":
