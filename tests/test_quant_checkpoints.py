@@ -166,7 +166,7 @@ def test_pruned_models_keep_batch_invariance_and_seeded_sampling_in_the_engine(t
     if weights is not None:
         model = quantize_model(model, weights)
     engine = Engine(model, None, (), EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
-    images, rows = image_tokens(full, 4, seed=51), prompts(full, 4, seed=52)
+    images, rows = image_tokens(full, 3, seed=51), prompts(full, 3, seed=52)
     inputs = [ImageInput(tensor_digest(e), e) for e in images]
     greedy = SamplingParams(max_tokens=8, ignore_eos=True)
     together = engine.generate([(r, i, greedy) for r, i in zip(rows, inputs)])
@@ -215,3 +215,21 @@ def test_an_already_quantized_or_missing_input_and_a_used_output_are_one_line_er
         load_family_model(done, quantize=QuantScheme("int8"))
     with pytest.raises(ValueError, match="setting quantize: quantization weights must be one of int8, int4; got 'int3'"):
         Settings(quantize="int3")
+
+
+def test_the_recovery_fine_tune_trains_the_served_forward():
+    """demo/recover.py's dense, differentiable forward computes the engine's logits (so what is
+    trained is what serves), pruned or not, and gradients reach every parameter."""
+    from demo.recover import dense_logits
+
+    full = tiny_coca()
+    pruned = prune(full, PruneSpec(0.25, 0.5), importance(full, _calibration(full, 60)))
+    for decoder in (full, pruned):
+        images, ids = image_tokens(decoder, 2, seed=61), _rows(decoder, 2, 9, seed=61)
+        want = teacher_forced_logits(decoder, images, ids)
+        for p in decoder.parameters():
+            p.requires_grad_(True)
+        got = dense_logits(decoder, ids, images)
+        assert torch.allclose(got.detach(), want, atol=1e-4, rtol=1e-4)
+        got.logsumexp(-1).sum().backward()
+        assert all(p.grad is not None for p in decoder.parameters())

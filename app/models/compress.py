@@ -32,7 +32,7 @@ from llm.engine import ImageInput, tensor_digest
 from llm.generate import generate_greedy
 from llm.loading.chat_format import CAPTION_QUESTION
 from llm.loading.coca_checkpoint import MMSERVE_CONFIG, read_coca_dir
-from llm.loading.decoder_checkpoint import DECODER_FILE, RECORD_KEY, DecoderRecord, read_record, save_decoder
+from llm.loading.decoder_checkpoint import RECORD_KEY, DecoderRecord, read_record, save_decoder
 from llm.loading.errors import ModelDirError
 from llm.loading.hf import SHARD_INDEX, load_tensors, read_config
 from llm.params import SamplingParams
@@ -200,4 +200,3 @@ def _write_mllama(in_dir: Path, out_dir: Path, record: DecoderRecord) -> None:
 
 
 WRITERS = {"coca": _write_coca, "mllama": _write_mllama}
-assert DECODER_FILE not in ("model.safetensors",)  # the decoder never overwrites the rest
