@@ -287,48 +287,64 @@ def plot(mllama: list[dict], demo: list[dict], path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens, images and repeats (< 6 minutes here)")
+    parser.add_argument("--parts", default="demo,mllama,coca",
+                        help="which sections to run (comma-separated: demo, mllama, coca); the summary's keys "
+                             "of a section not run are null")
     args = parser.parse_args()
-    q = args.quick
+    q, parts = args.quick, set(args.parts.split(","))
+    unknown = parts - {"demo", "mllama", "coca"}
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; known: demo, mllama, coca")
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    demo = bench_demo(q)
+    demo = bench_demo(q) if "demo" in parts else []
     print(f"demo done in {time.perf_counter() - t0:.0f} s", flush=True)
-    mllama = bench_mllama(q, repeats=2 if q else 3)
+    mllama = bench_mllama(q, repeats=2 if q else 3) if "mllama" in parts else []
     print(f"mllama done in {time.perf_counter() - t0:.0f} s", flush=True)
-    coca = bench_coca_b32(q, repeats=1 if q else 2)
+    coca = bench_coca_b32(q, repeats=1 if q else 2) if "coca" in parts else []
     by = {r["scheme"]: r for r in mllama}
-    fp32 = by["fp32"]
-    w4 = max((r for r in mllama if r["scheme"].startswith("w4a16")), key=lambda r: r["decode tok/s"])
     demo_by = {r["scheme"]: r for r in demo}
-    figure = plot(mllama, demo, BENCH_DIR / "plots" / "quant.png")
-    columns = ["scheme", "weight MiB", "decode tok/s", "bound tok/s", "fraction", "chat tok/s", "KV peak MiB",
-               "seqs in 256 MiB", "top1", "kl"]
-    sections = [
-        ("126M Mllama: weights, single-stream decode (eager) vs its bandwidth bound, chat at 16 in flight, "
-         "agreement with fp32", table(mllama, columns)
-         + f"\n\nStreaming-read ceiling {fp32['read GB/s']:.1f} GB/s (matvec reads {fp32['matvec GB/s']:.1f}); "
-           f"each run paired with the read measured beside it. top1/kl: greedy agreement and mean KL(fp32 || scheme) "
-           f"over {fp32['positions']} teacher-forced positions. Pruned rows are bf16 with random-weight importance "
-           f"(no recovery): their agreement says nothing of a trained model's."),
-        ("coca_ViT-B-32: batch captioning and agreement with fp32", table(coca)),
-        (f"Demo task (models/demo, {demo[0]['images']} images of tests/independent_world.py): accuracy per family "
-         f"and retained vs fp32 (the worst family's ratio)", table(demo)
-         + "\n\nPruned rows: pruned on 48 demo-world calibration images x 10 prompts, then 4 minutes of "
-           "demo/recover.py (cached per demo checkpoint)."),
-        ("Plot", figure),
-    ]
-    summary = {
-        "w4a16_decode_speedup": round(w4["decode tok/s"] / fp32["decode tok/s"], 2), "w4a16_scheme": w4["scheme"],
-        "w8a16_decode_speedup": round(by["w8a16"]["decode tok/s"] / fp32["decode tok/s"], 2),
-        "bf16_chat_speedup": round(by["bf16"]["chat tok/s"] / fp32["chat tok/s"], 2),
-        "bf16_quality_retained": round(demo_by["bf16"]["retained"], 4),
-        "w8a16_quality_retained": round(demo_by["w8a16"]["retained"], 4),
-        "w4a16_quality_retained": round(min(r["retained"] for r in demo if r["scheme"].startswith("w4a16")), 4),
-        "pruned25_quality_retained": round(demo_by["pruned25"]["retained"], 4),
-        "int8_kv_quality_retained": None,  # needs kv_cache_dtype (branch bf16kv)
-        "w8a16_top1_mllama": round(by["w8a16"]["top1"], 4),
-        "w8a16_top1_coca_b32": round(next(r["top1"] for r in coca if r["scheme"] == "w8a16"), 4),
-        "quick": q, "seconds": round(time.perf_counter() - t0, 1)}
+    sections, summary = [], {}
+    if mllama:
+        fp32 = by["fp32"]
+        w4 = max((r for r in mllama if r["scheme"].startswith("w4a16")), key=lambda r: r["decode tok/s"])
+        columns = ["scheme", "weight MiB", "decode tok/s", "bound tok/s", "fraction", "chat tok/s", "KV peak MiB",
+                   "seqs in 256 MiB", "top1", "kl"]
+        sections.append((
+            "126M Mllama: weights, single-stream decode (eager) vs its bandwidth bound, chat at 16 in flight, "
+            "agreement with fp32", table(mllama, columns)
+            + f"\n\nStreaming-read ceiling {fp32['read GB/s']:.1f} GB/s (matvec reads {fp32['matvec GB/s']:.1f}); "
+              f"each run paired with the read measured beside it. top1/kl: greedy agreement and mean KL(fp32 || "
+              f"scheme) over {fp32['positions']} teacher-forced positions. Pruned rows are bf16 with random-weight "
+              f"importance (no recovery): their agreement says nothing of a trained model's."))
+        summary |= {"w4a16_decode_speedup": round(w4["decode tok/s"] / fp32["decode tok/s"], 2),
+                    "w4a16_scheme": w4["scheme"],
+                    "w8a16_decode_speedup": round(by["w8a16"]["decode tok/s"] / fp32["decode tok/s"], 2),
+                    "bf16_chat_speedup": round(by["bf16"]["chat tok/s"] / fp32["chat tok/s"], 2),
+                    "w8a16_top1_mllama": round(by["w8a16"]["top1"], 4)}
+    else:
+        summary |= {"w4a16_decode_speedup": None, "w8a16_decode_speedup": None, "bf16_chat_speedup": None}
+    if coca:
+        sections.append(("coca_ViT-B-32: batch captioning and agreement with fp32", table(coca)))
+        summary["w8a16_top1_coca_b32"] = round(next(r["top1"] for r in coca if r["scheme"] == "w8a16"), 4)
+    if demo:
+        sections.append((
+            f"Demo task (models/demo, {demo[0]['images']} images of tests/independent_world.py): accuracy per "
+            f"family and retained vs fp32 (the worst family's ratio)", table(demo)
+            + "\n\nPruned rows: pruned on 48 demo-world calibration images x 10 prompts, then demo/recover.py "
+              "(cached per demo checkpoint; the recovery record in its config.json says how many steps ran)."))
+        summary |= {
+            "bf16_quality_retained": round(demo_by["bf16"]["retained"], 4),
+            "w8a16_quality_retained": round(demo_by["w8a16"]["retained"], 4),
+            "w4a16_quality_retained": round(min(r["retained"] for r in demo if r["scheme"].startswith("w4a16")), 4),
+            "pruned25_quality_retained": round(demo_by["pruned25"]["retained"], 4)}
+    else:
+        summary |= {"w8a16_quality_retained": None, "w4a16_quality_retained": None}
+    if mllama and demo:
+        sections.append(("Plot", plot(mllama, demo, BENCH_DIR / "plots" / "quant.png")))
+    summary |= {"int8_kv_quality_retained": None,  # needs kv_cache_dtype (branch bf16kv, not merged here yet)
+                "parts": sorted(parts), "threads": torch.get_num_threads(), "quick": q,
+                "seconds": round(time.perf_counter() - t0, 1)}
     publish("quant", command_line(), summary, sections, details={"mllama": mllama, "coca_b32": coca, "demo": demo})
 
 
