@@ -398,11 +398,12 @@ def main() -> None:
     q = args.quick
     t0 = time.perf_counter()
     cap = bench_captioning(n_images=16 if q else 64, repeats=2 if q else 3)
-    print(f"captioning done in {time.perf_counter() - t0:.0f} s", flush=True)
+    # each section's figures as it ends: on a crowded machine a run may not live to the end
+    print(f"captioning done in {time.perf_counter() - t0:.0f} s: {cap['runs']}", flush=True)
     models = load_mllama()
     chat = bench_chat(n_ours=24 if q else 64, n_sequential=3 if q else 12, n_batched=16 if q else 32, models=models,
                       repeats=2 if q else 3)
-    print(f"chat done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"chat done in {time.perf_counter() - t0:.0f} s: {chat['runs_tokens_per_s']}", flush=True)
     turns = bench_multiturn(models[DEFAULT], repeats=2 if q else 5)
     # quick: no compile_decode rows (two compiles take minutes on a shared 2-core machine)
     bw = bench_bandwidth(models, new_tokens=48 if q else 128, repeats=2 if q else 3, compiled=not q)
