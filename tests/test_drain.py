@@ -22,8 +22,10 @@ from tests.slow_server import image_url, running_server
 class _Stub:
     """A chat service over two models: one that sees images and one that reads text only."""
 
-    registry = [SimpleNamespace(name="seeing", capabilities=SimpleNamespace(max_images=1)),
-                SimpleNamespace(name="reading", capabilities=SimpleNamespace(max_images=0))]
+    # warm-up names each version (NAME@VERSION): canaries are warmed too, with no split
+    registry = SimpleNamespace(versions=lambda: [
+        SimpleNamespace(name="seeing", version="v1", capabilities=SimpleNamespace(max_images=1)),
+        SimpleNamespace(name="reading", version="v1", capabilities=SimpleNamespace(max_images=0))])
 
     def __init__(self, fail: bool = False) -> None:
         self.fail, self.calls = fail, 0
@@ -31,10 +33,10 @@ class _Stub:
     async def complete(self, request):
         self.calls += 1
         content = request.messages[0].content
-        if request.model == "seeing":
+        if request.model == "seeing@v1":
             assert content[0].image_url.url.startswith("data:image/png")
         else:
-            assert request.model == "reading" and isinstance(content, str)
+            assert request.model == "reading@v1" and isinstance(content, str)
         assert request.max_tokens == 1
         if self.fail:
             raise RuntimeError("no memory for the KV pool")

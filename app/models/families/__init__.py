@@ -55,10 +55,14 @@ def load_family_model(path: Path, family: str = "", max_context: int | None = No
     family = family or detect_family(path)
     if family not in FAMILIES:
         raise ModelDirError(f"model family {family!r} is not supported; supported: {DESCRIBED}")
-    model = FAMILIES[family].load(path, max_context, dtype)
-    if quantize is not None:
-        if is_quantized(model.decoder):
-            raise ModelDirError(f"{path} is already quantized; serve it without quantize, or quantize the "
-                                f"original checkpoint")
-        model.decoder = quantize_model(model.decoder, quantize)
+    if quantize is None:
+        return FAMILIES[family].load(path, max_context, dtype)
+    # quantized from the fp32 weights, as `mmserve quantize` does: the same int8/int4 weights either way
+    model = FAMILIES[family].load(path, max_context, torch.float32)
+    if is_quantized(model.decoder):
+        raise ModelDirError(f"{path} is already quantized; serve it without quantize, or quantize the "
+                            f"original checkpoint")
+    quantized = quantize_model(model.decoder, quantize)
+    model = model.with_dtype(dtype)  # the vision tower (and whatever else) in the served dtype
+    model.decoder = quantized
     return model

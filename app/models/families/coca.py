@@ -30,6 +30,7 @@ from llm.loading.decoder_checkpoint import DecoderRecord, configured, load_decod
 from llm.loading.tokenizers import CoCaTokenizer
 from llm.models.coca import CoCaDecoder, CoCaDecoderConfig, decoder_from_open_clip
 from llm.packed_linear import dense_copy, pack_linears
+from llm.quant import is_quantized
 from vision.encoders.base import ImageFeatures
 from vision.encoders.open_clip import VisionEncoder
 from vision.preprocess import PreprocessCfg
@@ -123,7 +124,9 @@ class CoCaModel:
         self.labels = tuple(spec.labels)
         self.encoder = VisionEncoder(loaded.model.visual, PreprocessCfg.from_dict(spec.preprocess), spec.name,
                                      loaded.weights_digest)
-        self.decoder: CoCaDecoder = loaded.decoder().to(dtype)
+        decoder = loaded.decoder()
+        # a quantized decoder computes in bf16 by construction (its kernels take bf16 activations)
+        self.decoder: CoCaDecoder = decoder if is_quantized(decoder) else decoder.to(dtype)
         # From here on the tower only infers (for the encoder and zero-shot alike): oneDNN-packed linears
         # and attention projections, after the decoder took its weights from the state dict.
         pack_linears(loaded.model.visual)

@@ -31,6 +31,7 @@ from llm.loading.decoder_checkpoint import configured, load_decoder, read_record
 from llm.loading.hf import file_digest, generation_stop_ids, load_tensors, read_config, read_json, safetensors_files
 from llm.models.mllama import MllamaDecoder, MllamaDecoderConfig, mllama_from_hf_dir
 from llm.packed_linear import dense_copy
+from llm.quant import is_quantized
 from vision.encoders.mllama import VISION_PREFIXES, MllamaVisionEncoder
 
 FAMILY = "mllama"
@@ -77,7 +78,8 @@ class MllamaModel:
             return mllama_from_hf_dir(path, max_context, dtype)
         with torch.device("meta"):
             empty = MllamaDecoder(configured(MllamaDecoderConfig.from_hf(config, max_context), record))
-        return load_decoder(empty, path, record).to(dtype)
+        decoder = load_decoder(empty, path, record)
+        return decoder if is_quantized(decoder) else decoder.to(dtype)  # quantized: bf16 by construction
 
     @classmethod
     def load(cls, path: Path, max_context: int | None = None, dtype: torch.dtype = torch.float32) -> "MllamaModel":
