@@ -1,4 +1,4 @@
-"""`mmserve`: serve, caption, ask, train-demo."""
+"""`mmserve`: serve, caption, ask, train-demo, keys, audit."""
 
 from __future__ import annotations
 
@@ -128,6 +128,23 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from app.tenancy.audit import verify
+
+    path = Path(args.file)
+    if not path.is_file():
+        return _fail(f"{path}: no such file")
+    result = verify(path, rotated=not args.no_rotated)
+    for note in result.notes:
+        print(f"note: {note}")
+    for problem in result.problems:
+        print(f"FAIL: {problem}")
+    files = ", ".join(p.name for p in result.files)
+    print(f"{'ok' if result.ok else 'TAMPERED'}: {result.records} records in {len(result.files)} file(s) ({files}); "
+          f"last hash {result.last_hash}")
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmserve", description="Multimodal (image + text) inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decoder-only", action="store_true",
                        help="train only the multimodal decoder (zero-shot towers unchanged)")
     train.set_defaults(func=cmd_train_demo)
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", help="check the hash chain of an audit log (and its rotated files)")
+    verify.add_argument("file", metavar="FILE", help="the audit log (its rotated FILE.000001... are read too)")
+    verify.add_argument("--no-rotated", action="store_true", help="check FILE alone")
+    verify.set_defaults(func=cmd_audit_verify)
     return parser
 
 

@@ -19,7 +19,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
 from app.admission import AdmissionControl, AdmissionMiddleware
-from app.auth import AuthMiddleware, KeyAccess
+from app.auth import RateLimiter
 from app.batches.controller import BatchesController
 from app.batches.service import BatchService
 from app.chat.controller import ChatController
@@ -40,6 +40,11 @@ from app.models.served import ServedModel
 from app.request_id import RequestIdMiddleware
 from app.routing.staged import StagedRouter
 from app.settings import Settings
+from app.tenancy.controller import AdminKeysController, UsageController
+from app.tenancy.finalize import Finalizer
+from app.tenancy.keys import default_limits
+from app.tenancy.middleware import TenancyMiddleware
+from app.tenancy.stores import open_stores
 
 LoadedModels = list[tuple[ModelEntry, FamilyModel]]
 
@@ -80,7 +85,11 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     elif not isinstance(models, list):
         models = [(ModelEntry("", settings.model), models)]
     # Guards and observability exist before the lifespan runs: middleware and the SIGTERM drain use them.
-    metrics, access, readiness = Metrics(), KeyAccess.from_settings(settings), Readiness()
+    metrics, readiness = Metrics(), Readiness()
+    # Tenancy: keys (env/file + the SQLite store), quotas and the audit log, all shared by a host's workers.
+    stores = open_stores(settings)
+    keys, quotas, audit = stores.keys, stores.quotas, stores.audit  # audit: AuditWriter, `audit.write(record)`
+    finalizer = Finalizer(quotas, audit)
     admission = AdmissionControl(settings.max_concurrent_requests, settings.max_queued_requests)
     metrics.watch_admission(lambda: admission.active, lambda: admission.waiting)
     registry = build_registry(settings, models)
@@ -95,7 +104,7 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
         app.state.chat = ChatService(registry, router, settings, metrics)
         app.state.embeddings = EmbeddingService(registry, settings)
         warming = asyncio.create_task(warm_up(readiness, app.state.chat, app.state.embeddings))
-        app.state.batches = BatchService(settings, app.state.chat)
+        app.state.batches = BatchService(settings, app.state.chat, keys, quotas, finalizer)
         await app.state.batches.start()  # resumes batches a previous run left unfinished
         try:
             yield
@@ -116,21 +125,24 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
 
     app = Litestar(
         route_handlers=[ChatController, HealthController, ModelsController, EmbeddingsController, ClassifyController,
-                        MetricsController, files_router(settings), BatchesController],
+                        MetricsController, files_router(settings), BatchesController, UsageController,
+                        AdminKeysController],
         dependencies={
             "chat": Provide(provide_chat, sync_to_thread=False),
             "embeddings": Provide(provide_embeddings, sync_to_thread=False),
             "batches": Provide(provide_batches, sync_to_thread=False),
             "registry": Provide(lambda: registry, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, sync_to_thread=False),
-            "access": Provide(lambda: access, sync_to_thread=False),
+            "keys": Provide(lambda: keys, sync_to_thread=False),
+            "quotas": Provide(lambda: quotas, sync_to_thread=False),
+            "settings_limits": Provide(lambda: default_limits(settings), sync_to_thread=False),
             "readiness": Provide(lambda: readiness, sync_to_thread=False),
+            "audit": Provide(lambda: audit, sync_to_thread=False),
         },
         lifespan=[lifespan],
-        state=State({"metrics": metrics, "readiness": readiness, "registry": registry}),
-        # Outermost first: metrics see every answer, the key is checked before a request takes a slot.
+        state=State({"metrics": metrics, "readiness": readiness, "registry": registry, "audit": audit}),
+        # Outermost first: metrics see every routed answer. (The key check wraps the whole handler, below.)
         middleware=[DefineMiddleware(MetricsMiddleware, metrics=metrics),
-                    DefineMiddleware(AuthMiddleware, access=access, metrics=metrics),
                     DefineMiddleware(AdmissionMiddleware, admission=admission, metrics=metrics,
                                      retry_after_s=settings.overload_retry_after_s)],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -139,5 +151,9 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     )
     # The request id wraps litestar's own handler (router and exception handling), not the routes: a
     # path or method no route serves (404, 405) gets its id too, in the header and the error body.
-    app.asgi_handler = RequestIdMiddleware(app.asgi_handler)
+    # The key check and the request's end (quota charged, audit written) wrap it too, inside the id: every
+    # path meets the same check, however it is spelled (app/tenancy/middleware.py).
+    tenancy = TenancyMiddleware(app.asgi_handler, keys, quotas, RateLimiter.from_settings(settings), finalizer,
+                                metrics)
+    app.asgi_handler = RequestIdMiddleware(tenancy)
     return app

@@ -96,6 +96,22 @@ class Settings:
     # Workers sharing the store (replicas): a batch is leased to one; a dead one's batch is taken over at expiry.
     batch_lease_s: float = 30.0  # renewed every third of it while the batch runs
     batch_poll_s: float = 2.0  # how often an idle worker looks for batches made or left by other workers
+    # Tenancy (app/tenancy/): the key store, persisted quotas and the audit log. Paths are settings so that
+    # every worker (and every Ray replica) on a host can point at the same files.
+    keys_db: str = ""  # "" = data_dir / "keys.sqlite3"
+    usage_db: str = ""  # "" = data_dir / "usage.sqlite3"
+    # Default quotas of every key (a store key may set its own); 0 = unlimited. quota_tokens_per_day above too.
+    quota_requests_per_minute: int = 0
+    quota_tokens_per_minute: int = 0
+    quota_images_per_minute: int = 0
+    quota_pixels_per_minute: int = 0
+    quota_requests_per_day: int = 0
+    quota_images_per_day: int = 0
+    quota_pixels_per_day: int = 0
+    audit_log: str = ""  # "" = data_dir / "audit" / "audit.jsonl"; "off" = no audit log
+    audit_max_bytes: int = 64 * 1024 * 1024  # rotate past this size (FILE.000001, .000002, ...)
+    audit_content: bool = False  # also record prompt text and image data: URLs (off: digests and counts only)
+    audit_fsync: bool = False  # fsync each record (survives a power cut, not only a killed process; slower)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
@@ -103,7 +119,7 @@ class Settings:
         if self.max_model_len < 0:
             raise ValueError(f"setting max_model_len must be >= 0, got {self.max_model_len}")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
-        for name in ("max_file_bytes", "max_batch_requests", "batch_concurrency"):
+        for name in ("max_file_bytes", "max_batch_requests", "batch_concurrency", "audit_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
         for name in ("batch_lease_s", "batch_poll_s"):
@@ -121,6 +137,11 @@ class Settings:
             raise ValueError(f"setting port must be in 1..65535, got {self.port}")
         if self.threads < 0 or self.request_timeout_s <= 0:
             raise ValueError("settings threads must be >= 0 and request_timeout_s > 0")
+        for name in ("quota_requests_per_minute", "quota_tokens_per_minute", "quota_images_per_minute",
+                     "quota_pixels_per_minute", "quota_requests_per_day", "quota_images_per_day",
+                     "quota_pixels_per_day"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"setting {name} must be >= 0, got {getattr(self, name)}")
         for name, least in (("max_concurrent_requests", 1), ("max_queued_requests", 0), ("rate_limit_rpm", 0),
                             ("rate_limit_burst", 1), ("quota_tokens_per_day", 0), ("overload_retry_after_s", 1),
                             ("drain_timeout_s", 0), ("max_embedding_inputs", 1), ("max_classify_labels", 1)):
@@ -165,6 +186,21 @@ class Settings:
     @property
     def batch_db_path(self) -> Path:
         return Path(self.batch_db) if self.batch_db else self.data_dir / "batches.sqlite3"
+
+    @property
+    def keys_db_path(self) -> Path:
+        return Path(self.keys_db) if self.keys_db else self.data_dir / "keys.sqlite3"
+
+    @property
+    def usage_db_path(self) -> Path:
+        return Path(self.usage_db) if self.usage_db else self.data_dir / "usage.sqlite3"
+
+    @property
+    def audit_log_path(self) -> Path | None:
+        """None: the audit log is off (setting audit_log="off")."""
+        if self.audit_log == "off":
+            return None
+        return Path(self.audit_log) if self.audit_log else self.data_dir / "audit" / "audit.jsonl"
 
     @property
     def intake_limits(self) -> IntakeLimits:

@@ -20,7 +20,7 @@ class SlowChat:
     def __init__(self, owner: str, line_s: float, hold: Path) -> None:
         self.owner, self.line_s, self.hold = owner, line_s, hold
 
-    async def complete(self, req: ChatCompletionRequest) -> tuple[ChatCompletion, str]:
+    async def complete(self, req: ChatCompletionRequest, observer=None, tenant=None) -> tuple[ChatCompletion, str]:
         while self.hold.exists():
             await asyncio.sleep(0.01)
         await asyncio.sleep(self.line_s)

@@ -33,17 +33,24 @@ from app.batches.input_file import BatchLine
 from app.batches.schemas import (ACTIVE_STATUSES, Batch, BatchError, BatchErrors, BatchStatus, CreateBatchRequest,
                                  FileObject, LineError, OutputLine, RequestCounts)
 
-SCHEMA_VERSION = 2  # 2 added batch_leases; a version-1 file is upgraded in place (the table is new)
+SCHEMA_VERSION = 1
+# Files and batches belong to a tenant ("" = the open server's), and a batch runs as the key that made it.
+# A database made before tenants gets these columns added (its rows belong to ""); the columns have
+# defaults, so the version stays 1 and an older mmserve still reads and writes the database. The same holds
+# for the batch_leases table (added when missing): an older mmserve ignores it, so never run one beside
+# replicas that share the store.
+TENANT_COLUMNS = (("files", "tenant"), ("batches", "tenant"), ("batches", "key_id"))
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, purpose TEXT NOT NULL, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL, content BLOB NOT NULL);
+    created_at INTEGER NOT NULL, content BLOB NOT NULL, tenant TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, input_file_id TEXT NOT NULL, endpoint TEXT NOT NULL,
     completion_window TEXT NOT NULL, status TEXT NOT NULL, total INTEGER NOT NULL DEFAULT 0,
     metadata TEXT, errors TEXT, output_file_id TEXT, error_file_id TEXT, created_at INTEGER NOT NULL,
     expires_at INTEGER, in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER,
-    failed_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER);
+    failed_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
+    tenant TEXT NOT NULL DEFAULT '', key_id TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS batch_lines (
     batch_id TEXT NOT NULL, line_no INTEGER NOT NULL, custom_id TEXT NOT NULL, body BLOB NOT NULL,
     status_code INTEGER,  -- NULL while pending
@@ -72,10 +79,14 @@ class BatchStore:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 1, SCHEMA_VERSION):
+        if version not in (0, SCHEMA_VERSION):
             raise sqlite3.DatabaseError(f"{path}: batch database schema version {version}; "
                                         f"this mmserve reads version {SCHEMA_VERSION}")
         self.conn.executescript(SCHEMA)  # idempotent; executescript runs outside any transaction
+        with self._transaction() as db:
+            for table, column in TENANT_COLUMNS:
+                if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
         self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -94,27 +105,31 @@ class BatchStore:
         self.conn.execute("COMMIT")
 
     # -- files -------------------------------------------------------------------------------------
-    def add_file(self, filename: str, purpose: str, content: bytes) -> FileObject:
+    # Every read takes the caller's tenant: another tenant's id reads as no such id (a 404, never a 403,
+    # which would tell that the id exists).
+    def add_file(self, filename: str, purpose: str, content: bytes, tenant: str = "") -> FileObject:
         file = FileObject(f"file-{uuid.uuid4().hex}", len(content), int(time.time()), filename, purpose)
         with self._transaction() as db:
-            self._insert_file(db, file, content)
+            self._insert_file(db, file, content, tenant)
         return file
 
     @staticmethod
-    def _insert_file(db: sqlite3.Connection, file: FileObject, content: bytes) -> None:
-        db.execute("INSERT INTO files (id, purpose, filename, bytes, created_at, content) VALUES (?, ?, ?, ?, ?, ?)",
-                   (file.id, file.purpose, file.filename, file.bytes, file.created_at, content))
+    def _insert_file(db: sqlite3.Connection, file: FileObject, content: bytes, tenant: str) -> None:
+        db.execute("INSERT INTO files (id, purpose, filename, bytes, created_at, content, tenant) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (file.id, file.purpose, file.filename, file.bytes, file.created_at, content, tenant))
 
-    def get_file(self, file_id: str) -> FileObject | None:
-        row = self.conn.execute("SELECT id, bytes, created_at, filename, purpose FROM files WHERE id = ?",
-                                (file_id,)).fetchone()
+    def get_file(self, file_id: str, tenant: str = "") -> FileObject | None:
+        row = self.conn.execute("SELECT id, bytes, created_at, filename, purpose FROM files WHERE id = ? AND "
+                                "tenant = ?", (file_id, tenant)).fetchone()
         return FileObject(*row) if row else None
 
-    def list_files(self, purpose: str | None, limit: int, order: str, after: str | None) -> tuple[list[FileObject], bool]:
+    def list_files(self, purpose: str | None, limit: int, order: str, after: str | None,
+                   tenant: str = "") -> tuple[list[FileObject], bool]:
         """Oldest or newest first (`order` "asc" or "desc": upload order, which is created_at's); `after`
         is the last id of the previous page. Returns (page, has_more)."""
         compare, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
-        where, args = ["1"], []
+        where, args = ["tenant = ?"], [tenant]
         if purpose is not None:
             where.append("purpose = ?")
             args.append(purpose)
@@ -126,32 +141,40 @@ class BatchStore:
                                  (*args, limit + 1)).fetchall()
         return [FileObject(*row) for row in rows[:limit]], len(rows) > limit
 
-    def file_content(self, file_id: str) -> bytes | None:
-        row = self.conn.execute("SELECT content FROM files WHERE id = ?", (file_id,)).fetchone()
+    def file_content(self, file_id: str, tenant: str = "") -> bytes | None:
+        row = self.conn.execute("SELECT content FROM files WHERE id = ? AND tenant = ?", (file_id, tenant)).fetchone()
         return bytes(row[0]) if row else None
 
     # -- batches -----------------------------------------------------------------------------------
-    def add_batch(self, request: CreateBatchRequest) -> Batch:
+    def add_batch(self, request: CreateBatchRequest, tenant: str = "", key_id: str = "") -> Batch:
+        """`key_id`: the key the batch's lines run as (charged to it, audited under it)."""
         batch_id, now = f"batch_{uuid.uuid4().hex}", int(time.time())
         metadata = msgspec.json.encode(request.metadata).decode() if request.metadata is not None else None
         with self._transaction() as db:
             db.execute("INSERT INTO batches (id, input_file_id, endpoint, completion_window, status, metadata, "
-                       "created_at, expires_at) VALUES (?, ?, ?, ?, 'validating', ?, ?, ?)",
+                       "created_at, expires_at, tenant, key_id) VALUES (?, ?, ?, ?, 'validating', ?, ?, ?, ?, ?)",
                        (batch_id, request.input_file_id, request.endpoint, request.completion_window, metadata,
-                        now, now + SECONDS_IN_WINDOW))
-        batch = self.get_batch(batch_id)
+                        now, now + SECONDS_IN_WINDOW, tenant, key_id))
+        batch = self.get_batch(batch_id, tenant)
         assert batch is not None, "a batch just inserted must be readable"
         return batch
 
-    def get_batch(self, batch_id: str) -> Batch | None:
-        row = self.conn.execute(f"SELECT b.*, {_COUNTS} FROM batches b WHERE b.id = ?", (batch_id,)).fetchone()
+    def get_batch(self, batch_id: str, tenant: str | None = "") -> Batch | None:
+        """`tenant` None: whoever owns it (the worker's view)."""
+        row = self.conn.execute(f"SELECT b.*, {_COUNTS} FROM batches b WHERE b.id = ? AND (? IS NULL OR b.tenant = ?)",
+                                (batch_id, tenant, tenant)).fetchone()
         return _batch(row) if row else None
 
-    def list_batches(self, limit: int, after: str | None = None) -> tuple[list[Batch], bool]:
+    def owner(self, batch_id: str) -> tuple[str, str] | None:
+        """(tenant, key_id) of a batch: whose key its lines run as."""
+        row = self.conn.execute("SELECT tenant, key_id FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def list_batches(self, limit: int, after: str | None = None, tenant: str = "") -> tuple[list[Batch], bool]:
         """Newest first; `after` is the last id of the previous page. Returns (page, has_more)."""
         cursor = "AND b.rowid < (SELECT rowid FROM batches WHERE id = ?)" if after else ""
-        rows = self.conn.execute(f"SELECT b.*, {_COUNTS} FROM batches b WHERE 1 {cursor} ORDER BY b.rowid DESC "
-                                 "LIMIT ?", ((after,) if after else ()) + (limit + 1,)).fetchall()
+        rows = self.conn.execute(f"SELECT b.*, {_COUNTS} FROM batches b WHERE b.tenant = ? {cursor} ORDER BY "
+                                 "b.rowid DESC LIMIT ?", (tenant, *((after,) if after else ()), limit + 1)).fetchall()
         return [_batch(r) for r in rows[:limit]], len(rows) > limit
 
     def next_active_batch(self) -> Batch | None:
@@ -180,7 +203,7 @@ class BatchStore:
                 return None
             db.execute("INSERT OR REPLACE INTO batch_leases (batch_id, owner, expires_at) VALUES (?, ?, ?)",
                        (free[0], owner, now + lease_s))
-        batch = self.get_batch(free[0])
+        batch = self.get_batch(free[0], None)
         assert batch is not None, "a leased batch is never deleted"
         return batch, (free[1] if free[1] not in (None, owner) else None)
 
@@ -198,10 +221,12 @@ class BatchStore:
         row = self.conn.execute("SELECT owner FROM batch_leases WHERE batch_id = ?", (batch_id,)).fetchone()
         return row[0] if row else None
 
-    def request_cancel(self, batch_id: str) -> Batch | None:
+    def request_cancel(self, batch_id: str, tenant: str = "") -> Batch | None:
         with self._transaction() as db:
+            if db.execute("SELECT 1 FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant)).fetchone() is None:
+                return None
             self._move(db, batch_id, ("validating", "in_progress"), "cancelling")
-        return self.get_batch(batch_id)
+        return self.get_batch(batch_id, tenant)
 
     def start_batch(self, batch_id: str, lines: list[BatchLine]) -> bool:
         """validating -> in_progress with its lines stored, in one transaction; False if the batch had
@@ -257,7 +282,8 @@ class BatchStore:
         cancelled, the lines never run too), and move the batch to its final status: one transaction,
         so a crash here leaves the batch to be finalized again, never half-written."""
         with self._transaction() as db:
-            if db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0] != from_status:
+            status, tenant = db.execute("SELECT status, tenant FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if status != from_status:
                 return False
             output, errors = [], []
             for custom_id, status_code, result in db.execute(
@@ -276,7 +302,7 @@ class BatchStore:
                 content = b"\n".join(lines) + b"\n"
                 file = FileObject(f"file-{uuid.uuid4().hex}", len(content), int(time.time()),
                                   f"{batch_id}_{suffix}.jsonl", "batch_output")
-                self._insert_file(db, file, content)
+                self._insert_file(db, file, content, tenant)
                 file_ids.append(file.id)
             db.execute("UPDATE batches SET output_file_id = ?, error_file_id = ? WHERE id = ?", (*file_ids, batch_id))
             return self._move(db, batch_id, (from_status,), to)

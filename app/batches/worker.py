@@ -28,12 +28,15 @@ from typing import Awaitable, Callable, Protocol, TypeVar
 
 import msgspec
 
+from app.auth import Refusal
+from app.batches.accounting import LineAccounting
 from app.batches.input_file import InputFileError, decode_body, parse_input_file
 from app.batches.schemas import Batch, BatchError, BatchStatus, LineResponse, OutputLine
 from app.batches.store import BatchStore, LeaseLost
 from app.errors import EXCEPTION_HANDLERS
 from app.chat.schemas import ChatCompletion, ChatCompletionRequest
-from app.errors import ErrorBody, ErrorDetail
+from app.errors import APIError, ErrorBody, ErrorDetail
+from app.tenancy.record import RequestRecord, UsageObserver
 
 log = logging.getLogger("mmserve")
 T = TypeVar("T")
@@ -42,7 +45,8 @@ RETRY_AFTER_STORE_ERROR_S = 5.0
 
 
 class ChatCompleter(Protocol):
-    async def complete(self, req: ChatCompletionRequest) -> ChatCompletion: ...
+    async def complete(self, req: ChatCompletionRequest, observer: UsageObserver | None = None,
+                       tenant: str | None = None) -> tuple[ChatCompletion, object]: ...
 
 
 def error_of(exc: Exception) -> tuple[int, ErrorBody]:
@@ -82,8 +86,10 @@ def gone_from_this_host(owner: str) -> bool:
 
 class BatchWorker:
     def __init__(self, store: BatchStore, off_loop: OffLoop, chat: ChatCompleter, concurrency: int,
-                 max_requests: int, lease_s: float = 30.0, poll_s: float = 2.0, owner: str | None = None) -> None:
+                 max_requests: int, accounting: LineAccounting | None = None, lease_s: float = 30.0,
+                 poll_s: float = 2.0, owner: str | None = None) -> None:
         self.store, self.db, self.chat = store, off_loop, chat
+        self.accounting = accounting or LineAccounting()
         self.concurrency, self.max_requests = concurrency, max_requests
         self.lease_s, self.poll_s = lease_s, poll_s
         self.owner = owner or worker_id()
@@ -163,7 +169,8 @@ class BatchWorker:
             await self.db(self.store.finalize, batch.id, "cancelling", "cancelled")
 
     async def _validate(self, batch: Batch) -> None:
-        content = await self.db(self.store.file_content, batch.input_file_id)
+        tenant, _ = await self.db(self.store.owner, batch.id)
+        content = await self.db(self.store.file_content, batch.input_file_id, tenant)
         try:
             if content is None:
                 raise InputFileError(f"input file {batch.input_file_id!r} no longer exists")
@@ -179,13 +186,16 @@ class BatchWorker:
         Lines already in flight when the cancel is seen still finish and keep their answers."""
         slots = asyncio.Semaphore(self.concurrency)
         cancelled = lost = False
+        _, key_id = await self.db(self.store.owner, batch_id)
 
         async def run_one(line_no: int, custom_id: str, body: bytes) -> None:
             nonlocal cancelled, lost
             try:
-                status_code, result = await self._answer(custom_id, body)
+                record, refusal = self.accounting.start(key_id, batch_id, custom_id, f"req_{uuid.uuid4().hex}")
+                status_code, result = await self._answer(custom_id, body, record, refusal)
                 status: BatchStatus = await self.db(self.store.record_line, batch_id, line_no, status_code, result,
                                                     self.owner)
+                self.accounting.finish(record, status_code)  # after the answer is stored: never twice
                 cancelled = cancelled or status != "in_progress"
             except LeaseLost:
                 cancelled = lost = True  # stop starting lines; those in flight find out the same way
@@ -209,10 +219,14 @@ class BatchWorker:
             raise LeaseLost(f"{self.owner} lost the lease on {batch_id}")
         return cancelled
 
-    async def _answer(self, custom_id: str, body: bytes) -> tuple[int, bytes]:
-        request_id = f"req_{uuid.uuid4().hex}"
+    async def _answer(self, custom_id: str, body: bytes, record: RequestRecord,
+                      refusal: Refusal | None) -> tuple[int, bytes]:
+        request_id = record.request_id
         try:
-            response = LineResponse(200, request_id, (await self.chat.complete(decode_body(body)))[0])
+            if refusal is not None:
+                raise APIError(refusal.status, refusal.message, type=refusal.type, code=refusal.code)
+            answer, _ = await self.chat.complete(decode_body(body), record, tenant=record.principal.cache_salt)
+            response = LineResponse(200, request_id, answer)
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise  # the worker is stopping: the line stays pending
@@ -221,6 +235,7 @@ class BatchWorker:
                 "the request was cancelled inside the server", "server_error", code="request_cancelled")))
         except Exception as e:  # noqa: BLE001 - one bad request is an error line, never the end of the batch
             status_code, error = error_of(e)
+            record.failed(error.error.code or error.error.type)
             response = LineResponse(status_code, request_id, error)
         line = OutputLine(f"batch_req_{uuid.uuid4().hex}", custom_id, response, None)
         return response.status_code, msgspec.json.encode(line)

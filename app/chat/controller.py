@@ -9,10 +9,12 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import Stream
 
-from app.auth import KeyAccess, api_key_of, log_end_user, tenant_of
+from app.auth import log_end_user
 from app.chat.schemas import ChatCompletion, ChatCompletionRequest
 from app.chat.service import ChatService, Routed
 from app.metrics import set_request_model
+from app.tenancy.principal import principal_of, require_model, scope_guard
+from app.tenancy.record import record_of
 
 ROUTE_HEADER = "x-mmserve-route"  # which route answered: stage1, policy or decoder:<model>
 MODEL_HEADER = "x-mmserve-model"  # which served model answered
@@ -32,27 +34,27 @@ async def _until_disconnect(request: Request) -> None:
 class ChatController(Controller):
     path = "/v1/chat/completions"
     tags = ["chat"]
+    guards = [scope_guard]
+    opt = {"scope": "chat"}
 
     @post(status_code=200, summary="Create a chat completion over images and text (stream=true: server-sent events)")
     async def create(self, data: JSONBody[ChatCompletionRequest], chat: NamedDependency[ChatService],
-                     access: NamedDependency[KeyAccess], request: Request) -> Response[ChatCompletion] | Stream:
-        key = api_key_of(request)
-        tenant = tenant_of(key)
+                     request: Request) -> Response[ChatCompletion] | Stream:
+        require_model(request, data.model or chat.registry.default)
+        tenant = principal_of(request).cache_salt
+        record = record_of(request)  # hears the route, images and tokens: quotas and the audit
         set_request_model(request.scope, chat.metrics_label(data.model))
         log_end_user(data.user, data.safety_identifier)
-
-        def charge(tokens: int) -> None:
-            access.charge(key, tokens)
 
         if data.stream:
             # Litestar stops iterating when the client disconnects; closing the generator aborts the request.
             # (the content type goes in the headers: the handler's JSON media type would override media_type)
-            events, routed = await chat.start_stream(data, on_usage=charge, tenant=tenant)
+            events, routed = await chat.start_stream(data, record, tenant=tenant)
             set_request_model(request.scope, routed.model)
             return Stream(events, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            **route_headers(routed)})
         # A client that hangs up on a non-streaming request aborts it too, freeing its KV blocks.
-        work = asyncio.ensure_future(chat.complete(data, on_usage=charge, tenant=tenant))
+        work = asyncio.ensure_future(chat.complete(data, record, tenant=tenant))
         gone = asyncio.ensure_future(_until_disconnect(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)

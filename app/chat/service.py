@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import msgspec
@@ -38,6 +38,7 @@ from app.models.served import ServedModel
 from app.request_id import current_id
 from app.routing.staged import RouteDecision, StagedRouter
 from app.settings import Settings
+from app.tenancy.record import UsageObserver
 from llm.engine import ImageInput, RequestOutput
 from llm.grammar.spec import GrammarError, GrammarSpec, VocabularyError
 from llm.loading.chat_format import CAPTION_QUESTION
@@ -67,6 +68,7 @@ class Routed:
     params: SamplingParams | None = None
     images: tuple[ImageInput, ...] = ()
     output: OutputPlan | None = None
+    seen_images: tuple[tuple[str, int], ...] = ()  # (image sha256, pixels) of each image, for quotas and the audit
 
     @property
     def route(self) -> str:
@@ -107,11 +109,14 @@ def grammar_error(e: GrammarError, model: str, param: str | None) -> APIError:
     return bad_request(f"{param}: model {model!r}: {e}", param=param, code=code)
 
 
+def _seen_images(seen: dict) -> tuple[tuple[str, int], ...]:
+    return tuple({r.image_digest: r.pixels for r in seen.values()}.items())
+
+
 def _sse(payload: msgspec.Struct | dict) -> bytes:
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
 
-UsageHook = Callable[[int], None]  # called once with a finished request's total tokens (quota charging)
 
 
 class ChatService:
@@ -162,7 +167,7 @@ class ChatService:
         decision = self._decide(prepared, tenant, seen)
         if decision.finished:
             answering = decision.model or (target.name if target is not None else self.registry.routed_alias)
-            return Routed(answering, decision)
+            return Routed(answering, decision, seen_images=_seen_images(seen))
         served = self.registry.get(decision.model)
         try:
             prompt = served.model.chat_prompt(conversation)
@@ -173,7 +178,8 @@ class ChatService:
         params = sampling_params(prepared.req, max_tokens, self._grammar(served, prepared.output))
         images = tuple(self._image(served, source, prepared.req.visual_tokens, tenant, seen)
                        for source in conversation.images)
-        return Routed(served.name, decision, served, tuple(prompt), params, images, prepared.output)
+        return Routed(served.name, decision, served, tuple(prompt), params, images, prepared.output,
+                      _seen_images(seen))
 
     def _grammar(self, served: ServedModel, output: OutputPlan) -> GrammarSpec | None:
         """The answer's grammar for this model, compiled now (here, off the loop and the engine thread,
@@ -224,8 +230,21 @@ class ChatService:
         return await to_thread.run_sync(self._resolve, prepared, tenant)
 
     # -- generation --------------------------------------------------------------------------------
-    async def _outputs(self, prepared: PreparedChat, routed: Routed) -> AsyncIterator[RequestOutput]:
+    def _observe_route(self, observer: UsageObserver | None, routed: Routed) -> None:
+        if observer is None:
+            return
+        served = routed.served or self.registry.get(routed.model)
+        decision = routed.decision
+        observer.routed(routed.model, served.version if served is not None else "", routed.route,
+                        decision.reason if decision is not None else "")
+        for digest, pixels in routed.seen_images:
+            observer.image(digest, pixels)
+
+    async def _outputs(self, prepared: PreparedChat, routed: Routed,
+                       observer: UsageObserver | None = None) -> AsyncIterator[RequestOutput]:
         if routed.served is None:  # the router answered: no decoder
+            if observer is not None:
+                observer.first_token()
             yield self._router_answer(prepared, routed)
             return
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -234,8 +253,11 @@ class ChatService:
         images = list(routed.images) or None
         try:
             async for out in routed.served.engine.generate(request_id, list(routed.prompt), images, routed.params):
-                if timer is not None and out.completion_tokens > emitted:
-                    timer.tokens(out.completion_tokens - emitted)
+                if out.completion_tokens > emitted:
+                    if observer is not None and not emitted:
+                        observer.first_token()
+                    if timer is not None:
+                        timer.tokens(out.completion_tokens - emitted)
                     emitted = out.completion_tokens
                 yield out
         except PromptRejected as e:
@@ -257,30 +279,34 @@ class ChatService:
             completion = len(served.model.tokenizer.encode(answer)) + 1  # and the end token
         return RequestOutput(routed.route, answer, answer, True, "stop", (), prompt_tokens, completion, 0)
 
-    def _error_event(self, e: APIError, model: str) -> bytes:
+    def _error_event(self, e: APIError, model: str, observer: UsageObserver | None = None) -> bytes:
         """An error after the stream started: the status line is long gone, so it travels as an event
-        (and the metrics middleware, which saw a 200, hears of it here)."""
+        (and the metrics middleware and the audit, which saw a 200, hear of it here)."""
         if self.metrics is not None:
             self.metrics.record_failure(e.type, e.code, model)
+        if observer is not None:
+            observer.failed(e.code)
         return _sse(ErrorBody(ErrorDetail(e.message, e.type, e.param, e.code), current_id()))
 
     def _timeout(self) -> APIError:
         return APIError(504, f"the request took longer than {self.settings.request_timeout_s} s",
                         type="timeout_error", code="timeout")
 
-    async def complete(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
+    async def complete(self, req: ChatCompletionRequest, observer: UsageObserver | None = None,
                        tenant: str | None = None) -> tuple[ChatCompletion, Routed]:
+        """`observer` hears the route, the images, the first token and the token counts (quotas, audit)."""
         prepared = self.prepare(req)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 routed = await self.resolve(prepared, tenant)
+                self._observe_route(observer, routed)
                 final = None
-                async for out in self._outputs(prepared, routed):
+                async for out in self._outputs(prepared, routed, observer):
                     final = out
         except TimeoutError:
             raise self._timeout() from None
-        if on_usage is not None:
-            on_usage(final.prompt_tokens + final.completion_tokens)
+        if observer is not None:
+            observer.finished(final.prompt_tokens, final.completion_tokens, final.finish_reason)
         common = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=routed.model,
                       usage=Usage(final.prompt_tokens, final.completion_tokens,
                                   final.prompt_tokens + final.completion_tokens))
@@ -295,7 +321,7 @@ class ChatService:
     def _tool_format(routed: Routed):
         return routed.served.model.tool_format if routed.served is not None else None
 
-    async def start_stream(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
+    async def start_stream(self, req: ChatCompletionRequest, observer: UsageObserver | None = None,
                            tenant: str | None = None) -> tuple[AsyncIterator[bytes], Routed]:
         """Validate, get the images' features and route now (errors become a 4xx before the first
         byte); -> (the server-sent events in OpenAI's chunk format ending with `data: [DONE]`, the route)."""
@@ -307,10 +333,11 @@ class ChatService:
                 routed = await self.resolve(prepared, tenant)
         except TimeoutError:
             raise self._timeout() from None
-        return self._events(prepared, routed, include_usage, deadline, on_usage), routed
+        self._observe_route(observer, routed)
+        return self._events(prepared, routed, include_usage, deadline, observer), routed
 
     async def _events(self, prepared: PreparedChat, routed: Routed, include_usage: bool,
-                      deadline: float, on_usage: UsageHook | None) -> AsyncIterator[bytes]:
+                      deadline: float, observer: UsageObserver | None) -> AsyncIterator[bytes]:
         chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), routed.model
 
         def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, choices=True,
@@ -325,18 +352,19 @@ class ChatService:
         answer = StreamedAnswer(routed.output, self._tool_format(routed))
         try:
             async with asyncio.timeout_at(deadline):
-                async for out in self._outputs(prepared, routed):
+                async for out in self._outputs(prepared, routed, observer):
                     final = out
                     for delta in answer.deltas(out):
                         yield chunk(delta)
                     if out.finished:
                         yield chunk(Delta(), answer.finish_reason(out), cut=incomplete(routed.output, out))
         except TimeoutError:
-            yield self._error_event(self._timeout(), model)
+            yield self._error_event(self._timeout(), model, observer)
         except APIError as e:
-            yield self._error_event(e, model)
-        if on_usage is not None and final is not None:
-            on_usage(final.prompt_tokens + final.completion_tokens)
+            yield self._error_event(e, model, observer)
+        finally:  # also when the client goes away mid-stream: the tokens spent so far are counted
+            if observer is not None and final is not None:
+                observer.finished(final.prompt_tokens, final.completion_tokens, final.finish_reason)
         if include_usage and final is not None:
             yield chunk(Delta(), usage=Usage(final.prompt_tokens, final.completion_tokens,
                                              final.prompt_tokens + final.completion_tokens), choices=False)
