@@ -42,6 +42,40 @@ def _read_image(path: str, settings: Settings):
         return None, f"{path}: {e}"
 
 
+def require_ray() -> str | None:
+    """None when Ray Serve and Ray Data import; else the one line that says how to get them."""
+    try:
+        import ray  # noqa: F401
+        from ray import data, serve  # noqa: F401
+    except ImportError as e:
+        return f"--ray needs Ray ({e.name or e}): pip install 'mmserve[ray]'"
+    return None
+
+
+def parse_autoscale(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, sep, high = text.partition(":")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ValueError(f"--autoscale takes MIN:MAX replicas (e.g. 1:4), got {text!r}")
+    return int(low), int(high)
+
+
+def cmd_serve_ray(args: argparse.Namespace, settings: Settings) -> int:
+    if (missing := require_ray()) is not None:
+        return _fail(missing)
+    from app.scale.ray_serve import Topology, run
+
+    try:
+        topology = Topology(replicas=1 if args.replicas is None else args.replicas,
+                            autoscale=parse_autoscale(args.autoscale))
+        settings.model_entries()  # a bad --model is a one-line error here, not a replica that dies at start
+        run(settings, topology, address=args.ray_address or "")
+    except ValueError as e:
+        return _fail(str(e))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.lifecycle import serve
     from app.server import create_app
@@ -52,6 +86,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env(host=args.host, port=args.port, models=tuple(args.model or ()) or None,
                                  models_file=args.models)
+    if args.ray:
+        return cmd_serve_ray(args, settings)
+    if args.replicas is not None or args.autoscale is not None or args.ray_address is not None:
+        return _fail("--replicas, --autoscale and --ray-address go with --ray")
     try:
         models = load_models(settings)
         app = create_app(settings, models)
@@ -159,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--models", default=None, metavar="FILE",
                        help="a models.toml: one [[model]] table per model (name, path, family, dtype, "
                             "visual_tokens, version, aliases, memory_share)")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve on Ray Serve: the same app as replicas (pip install 'mmserve[ray]')")
+    serve.add_argument("--replicas", type=int, default=None, help="with --ray: how many replicas (default 1)")
+    serve.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                       help="with --ray: scale between MIN and MAX replicas on requests in flight")
+    serve.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="with --ray: join this Ray cluster (default: start one on this machine)")
     serve.set_defaults(func=cmd_serve)
 
     caption = sub.add_parser("caption", help="caption image files, or a folder into a JSONL file (--out)")
