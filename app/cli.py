@@ -125,8 +125,40 @@ def cmd_caption_folder(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_caption_ray(args: argparse.Namespace, settings: Settings) -> int:
+    if (missing := require_ray()) is not None:
+        return _fail(missing)
+    if not args.out or len(args.images) != 1:
+        return _fail("--ray captions one DIR or PARQUET file into --out FILE (.jsonl or .parquet)")
+    if args.actors < 1 or args.batch_size < 1:
+        return _fail(f"--actors and --batch-size must be at least 1, got {args.actors} and {args.batch_size}")
+    import os
+
+    import ray
+
+    from app.caption_dir import CaptionJobError
+    from app.scale.ray_caption import caption_on_ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.ray_address:
+        ray.init(address=args.ray_address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        summary = caption_on_ray(Path(args.images[0]), Path(args.out), settings, actors=args.actors,
+                                 batch_size=args.batch_size, recursive=args.recursive)
+    except CaptionJobError as e:
+        return _fail(str(e))
+    finally:
+        ray.shutdown()
+    print(f"mmserve: {summary}", file=sys.stderr)
+    return 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     settings = Settings.from_env(model=args.model)
+    if args.ray:
+        return cmd_caption_ray(args, settings)
     if args.out:
         return cmd_caption_folder(args, settings)
     model = _load_one(settings)
@@ -215,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("-r", "--recursive", action="store_true", help="with --out: include subfolders")
     caption.add_argument("--batch-size", type=int, default=16, help="with --out: images per model call")
     caption.add_argument("--model", default=None, help=model_help)
+    caption.add_argument("--ray", action="store_true",
+                         help="with --out: run on Ray Data (DIR or a PARQUET of path,image; pip install 'mmserve[ray]')")
+    caption.add_argument("--actors", type=int, default=1, help="with --ray: captioning actors (each loads the model)")
+    caption.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="with --ray: join this Ray cluster (default: start one on this machine)")
     caption.set_defaults(func=cmd_caption)
 
     ask = sub.add_parser("ask", help="ask a question about an image")
