@@ -132,18 +132,13 @@ def cmd_caption_ray(args: argparse.Namespace, settings: Settings) -> int:
         return _fail("--ray captions one DIR or PARQUET file into --out FILE (.jsonl or .parquet)")
     if args.actors < 1 or args.batch_size < 1:
         return _fail(f"--actors and --batch-size must be at least 1, got {args.actors} and {args.batch_size}")
-    import os
-
     import ray
 
     from app.caption_dir import CaptionJobError
+    from app.scale.local_ray import start_ray
     from app.scale.ray_caption import caption_on_ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if args.ray_address:
-        ray.init(address=args.ray_address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    start_ray(args.ray_address or "")
     try:
         summary = caption_on_ray(Path(args.images[0]), Path(args.out), settings, actors=args.actors,
                                  batch_size=args.batch_size, recursive=args.recursive)

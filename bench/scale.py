@@ -128,10 +128,11 @@ def main() -> None:
     args = parser.parse_args()
     requests = args.requests or (24 if args.quick else 96)
     images = args.images or (40 if args.quick else 200)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    ray.init(num_cpus=CORES, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from app.scale.local_ray import start_ray
+
+    start_ray(num_cpus=CORES)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             replicas = bench_replicas([int(n) for n in args.replicas.split(",")], requests, args.concurrency,

@@ -5,7 +5,6 @@ that left some lines and a cut-off one, and a .parquet output."""
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
@@ -37,8 +36,9 @@ def folder_and_local(tmp_path_factory):
 def cluster():
     from app.scale.ray_caption import caption_on_ray
 
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from app.scale.local_ray import start_ray
+
+    start_ray(num_cpus=2)
     try:
         yield caption_on_ray
     finally:

@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -37,16 +38,17 @@ def cluster(tmp_path_factory):
 
     from app.scale.ray_serve import Topology, application
 
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     data = tmp_path_factory.mktemp("ray-data")
     port = free_port()
     settings = Settings(data_dir=data, threads=1, ray_replica_cpus=0.5, batch_lease_s=3.0, batch_poll_s=0.2,
                         batch_concurrency=1, ray_metrics_interval_s=0.5, overload_retry_after_s=2)
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from app.scale.local_ray import start_ray
+
+    start_ray(num_cpus=2)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(application(settings, Topology(replicas=2)), name="mmserve", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", data
+        yield f"http://127.0.0.1:{port}", data, settings
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -61,7 +63,7 @@ def chat(base: str, seed: int, timeout: float = 120) -> httpx.Response:
 
 
 def test_two_replicas_answer_and_metrics_merge_both(cluster):
-    base, _ = cluster
+    base, _, _ = cluster
     seen = {httpx.get(f"{base}/health", timeout=30).headers["x-mmserve-replica"] for _ in range(30)}
     assert len(seen) == 2, seen
     answer = chat(base, 1)
@@ -83,7 +85,7 @@ def lease_owner(data, batch_id: str) -> str | None:
 
 
 def test_a_replica_killed_mid_batch_leaves_it_to_the_other_with_each_line_answered_once(cluster):
-    base, data = cluster
+    base, data, _ = cluster
     lines = [{"custom_id": f"image-{i}", "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": "mmserve-demo", "max_tokens": 16, "messages": [{"role": "user", "content": [
                   {"type": "image_url", "image_url": {"url": data_url(world.render(world.sample_scene(
@@ -111,17 +113,28 @@ def test_a_replica_killed_mid_batch_leaves_it_to_the_other_with_each_line_answer
     assert lease_owner(data, batch["id"]) is None
 
 
+def replica_pids() -> list[int]:
+    """The app replicas' processes (Ray titles them SERVE_REPLICA::APP#DEPLOYMENT#ID), not the gateway's."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and title.startswith(b"ray::SERVE_REPLICA::mmserve#mmserve#"):
+            pids.append(int(proc.name))
+    return pids
+
+
 def test_requests_on_a_killed_replica_get_503_with_retry_after_never_a_hang(cluster):
-    base, _ = cluster
-    from ray.util.state import list_actors
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "ServeReplica:mmserve:mmserve" in
-                (a.get("class_name") or "") or "SERVE_REPLICA::mmserve#mmserve" in (a.get("name") or "")]
-    assert replicas
+    base, _, _ = cluster
+    replicas = replica_pids()
+    assert len(replicas) == 2, replicas
     with ThreadPoolExecutor(8) as pool:
         pending = [pool.submit(chat, base, 100 + i, 60) for i in range(8)]
         time.sleep(0.5)
-        for actor in replicas:
-            os.kill(actor["pid"], signal.SIGKILL)
+        for pid in replicas:
+            os.kill(pid, signal.SIGKILL)
         answers = [p.result() for p in pending]  # each within its 60 s timeout: no hang
     codes = [a.status_code for a in answers]
     assert set(codes) <= {200, 503}, codes
@@ -129,3 +142,50 @@ def test_requests_on_a_killed_replica_get_503_with_retry_after_never_a_hang(clus
     for a in answers:
         if a.status_code == 503:
             assert a.headers["retry-after"] == "2" and a.json()["error"]["code"] == "replica_unavailable"
+
+
+def replica_counts() -> dict[str, int]:
+    from ray import serve
+
+    return dict(serve.status().applications["mmserve"].deployments["mmserve"].replica_states)
+
+
+def test_autoscaling_on_requests_in_flight_stays_within_its_bounds(cluster):
+    """Redeployed as 1..2 replicas aiming at 1 request in flight each: 6 clients busy push it to 2 (never
+    more), within the bound below."""
+    import threading
+
+    from ray import serve
+
+    from app.scale.ray_serve import Topology, application
+
+    base, _, settings = cluster
+    serve.run(application(settings, Topology(autoscale=(1, 2), target_ongoing_requests=1.0, upscale_delay_s=1.0,
+                                             downscale_delay_s=600.0)), name="mmserve", route_prefix="/")
+    deadline = time.monotonic() + 240
+    while sum(replica_counts().values()) != 1 or replica_counts().get("RUNNING") != 1:
+        assert time.monotonic() < deadline, f"not settled at 1 replica: {replica_counts()}"
+        time.sleep(1)
+    stop, peak = threading.Event(), [0]
+
+    def client(seed: int) -> None:
+        while not stop.is_set():
+            chat(base, seed, timeout=60)
+
+    threads = [threading.Thread(target=client, args=(200 + i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 300
+        while replica_counts().get("RUNNING", 0) < 2:
+            peak[0] = max(peak[0], sum(replica_counts().values()))
+            assert time.monotonic() < deadline, f"did not scale up under load: {replica_counts()}"
+            time.sleep(1)
+        for _ in range(5):  # still bounded by max_replicas under the same load
+            peak[0] = max(peak[0], sum(replica_counts().values()))
+            time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(70)
+    assert peak[0] <= 2 and replica_counts().get("RUNNING") == 2

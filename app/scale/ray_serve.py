@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from app.scale.local_ray import start_ray
 from app.scale.asgi_call import HTTPCall, Head, call
 from app.scale.replica_metrics import fresh, merged, publish, withdraw
 from app.settings import Settings
@@ -190,11 +190,7 @@ def build(args: dict) -> serve.Application:
 
 def run(settings: Settings, topology: Topology, address: str = "") -> None:
     """`mmserve serve --ray`: start (or join) a cluster, deploy, serve until SIGTERM/SIGINT, shut down."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address=address)
-    else:  # a local cluster of this machine, on loopback
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")
+    start_ray(address)  # joins `address`, else a local cluster of this machine on loopback
     try:
         check_placement(topology, settings.ray_replica_cpus)
         serve.start(http_options={"host": settings.host, "port": settings.port})
