@@ -41,6 +41,7 @@ from app.settings import Settings
 
 log = logging.getLogger("mmserve")
 REPLICA_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+GATEWAY_GRACE_S = 5.0  # past request_timeout_s, for the replica's own timeout answer to arrive first
 HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-length"}
 
 
@@ -98,10 +99,17 @@ class Gateway:
                              await request.body(), client)
         pieces = self.replicas.remote(forwarded)
         try:
-            head = await pieces.__anext__()
+            # Bounded: with every replica gone, Serve queues the request until a new one is up (minutes
+            # when models load); past the app's own deadline the client is told to come back instead.
+            async with asyncio.timeout(self.settings.request_timeout_s + GATEWAY_GRACE_S):
+                head = await pieces.__anext__()
         except REPLICA_LOST as e:
             log.warning("a replica was lost with a request in flight: %s", e)
             return self._unavailable("the replica serving this request stopped; retry")
+        except TimeoutError:
+            pieces.cancel()
+            return self._unavailable(f"no replica answered within {self.settings.request_timeout_s:g} s "
+                                     "(setting request_timeout_s); retry")
         assert isinstance(head, Head), "a replica answers with its head first"
 
         async def body() -> AsyncIterator[bytes]:
