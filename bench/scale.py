@@ -15,6 +15,7 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -151,7 +152,7 @@ def main() -> None:
                                            "ray_data": round(captioning[1]["images_per_s"], 3)},
                "ray_data_same_lines": captioning[1]["same_lines"], "requests": requests, "images": images,
                "concurrency": args.concurrency, "cores": CORES, "quick": args.quick}
-    command = "python -m bench.scale" + (" --quick" if args.quick else "")
+    command = " ".join(["python -m bench.scale", *sys.argv[1:]])
     publish("scale", command, summary, [
         (f"Ray Serve replicas ({requests} demo captions over HTTP, {args.concurrency} clients, {CORES} cores)",
          table(replicas, ["replicas", "threads_each", "start_s", "requests_per_s", "vs_1_replica", "p50_ms",
