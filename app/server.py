@@ -22,11 +22,15 @@ from app.admission import AdmissionControl, AdmissionMiddleware
 from app.auth import RateLimiter
 from app.batches.controller import BatchesController
 from app.batches.service import BatchService
+from app.canary.control import CanaryControl
+from app.canary.controller import CanaryController
+from app.canary.policy import canary_policies
 from app.chat.controller import ChatController
 from app.chat.service import ChatService
+from app.degrade import degrade_level
 from app.embeddings.controller import ClassifyController, EmbeddingsController
 from app.embeddings.service import EmbeddingService
-from app.errors import EXCEPTION_HANDLERS
+from app.errors import EXCEPTION_HANDLERS, document_errors
 from app.files.controller import files_router
 from app.health.controller import HealthController
 from app.health.metrics_controller import MetricsController
@@ -40,8 +44,10 @@ from app.models.served import ServedModel
 from app.request_id import RequestIdMiddleware
 from app.routing.staged import StagedRouter
 from app.settings import Settings
+from llm.hardware import resolve_dtype
 from app.tenancy.controller import AdminKeysController, UsageController
 from app.tenancy.finalize import Finalizer
+from app.tenancy.guard import tenancy_guard
 from app.tenancy.keys import default_limits
 from app.tenancy.middleware import TenancyMiddleware
 from app.tenancy.stores import open_stores
@@ -51,7 +57,8 @@ LoadedModels = list[tuple[ModelEntry, FamilyModel]]
 
 def load_models(settings: Settings) -> LoadedModels:
     """Every entry's checkpoint, loaded (raises ModelDirError / ModelEntryError naming the problem)."""
-    return [(entry, load_family_model(entry.path, entry.family, settings.max_model_len or None))
+    return [(entry, load_family_model(entry.path, entry.family, settings.max_model_len or None,
+                                      resolve_dtype(entry.dtype or settings.dtype)))
             for entry in settings.model_entries()]
 
 
@@ -94,14 +101,16 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     metrics.watch_admission(lambda: admission.active, lambda: admission.waiting)
     registry = build_registry(settings, models)
     router = build_router(settings, registry)
+    canary = CanaryControl(registry, canary_policies(settings), settings, metrics,
+                           on_event=lambda event: audit.write({"kind": "canary", **event}))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        for served in registry:
+        for served in registry.versions():
             served.start(metrics)
-        app.state.chat = ChatService(registry, router, settings, metrics)
+        app.state.chat = ChatService(registry, router, settings, metrics, canary)
         app.state.embeddings = EmbeddingService(registry, settings)
         warming = asyncio.create_task(warm_up(readiness, app.state.chat, app.state.embeddings))
         app.state.batches = BatchService(settings, app.state.chat, keys, quotas, finalizer)
@@ -111,7 +120,8 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
         finally:
             warming.cancel()
             await app.state.batches.stop()  # before the engines: lines in flight stay pending, rerun next start
-            for served in registry:
+            await app.state.chat.shadows.close()
+            for served in registry.versions():
                 served.stop()
 
     def provide_chat(state: State) -> ChatService:
@@ -126,7 +136,7 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     app = Litestar(
         route_handlers=[ChatController, HealthController, ModelsController, EmbeddingsController, ClassifyController,
                         MetricsController, files_router(settings), BatchesController, UsageController,
-                        AdminKeysController],
+                        AdminKeysController, CanaryController],
         dependencies={
             "chat": Provide(provide_chat, sync_to_thread=False),
             "embeddings": Provide(provide_embeddings, sync_to_thread=False),
@@ -137,14 +147,18 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
             "quotas": Provide(lambda: quotas, sync_to_thread=False),
             "settings_limits": Provide(lambda: default_limits(settings), sync_to_thread=False),
             "readiness": Provide(lambda: readiness, sync_to_thread=False),
+            "canary": Provide(lambda: canary, sync_to_thread=False),
             "audit": Provide(lambda: audit, sync_to_thread=False),
         },
         lifespan=[lifespan],
-        state=State({"metrics": metrics, "readiness": readiness, "registry": registry, "audit": audit}),
+        state=State({"metrics": metrics, "readiness": readiness, "registry": registry, "canary": canary,
+                     "audit": audit, "quotas": quotas, "rate_limiter": RateLimiter.from_settings(settings)}),
+        guards=[tenancy_guard],  # scope, quota and rate limit of the route reached (app/tenancy/guard.py)
         # Outermost first: metrics see every routed answer. (The key check wraps the whole handler, below.)
         middleware=[DefineMiddleware(MetricsMiddleware, metrics=metrics),
                     DefineMiddleware(AdmissionMiddleware, admission=admission, metrics=metrics,
-                                     retry_after_s=settings.overload_retry_after_s)],
+                                     retry_after_s=settings.overload_retry_after_s,
+                                     degrade_level=lambda ahead: degrade_level(settings, ahead))],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="mmserve", version="0.1.0"),
@@ -153,7 +167,7 @@ def create_app(settings: Settings, models: LoadedModels | FamilyModel | None = N
     # path or method no route serves (404, 405) gets its id too, in the header and the error body.
     # The key check and the request's end (quota charged, audit written) wrap it too, inside the id: every
     # path meets the same check, however it is spelled (app/tenancy/middleware.py).
-    tenancy = TenancyMiddleware(app.asgi_handler, keys, quotas, RateLimiter.from_settings(settings), finalizer,
-                                metrics)
+    tenancy = TenancyMiddleware(app.asgi_handler, keys, finalizer, metrics, keep_content=settings.audit_content)
     app.asgi_handler = RequestIdMiddleware(tenancy)
+    document_errors(app)
     return app

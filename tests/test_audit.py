@@ -121,3 +121,18 @@ def test_mmserve_audit_verify_exits_1_on_a_tampered_file(tmp_path, capsys):
     path.write_bytes(path.read_bytes().replace(b'"i":1', b'"i":7'))
     assert main(["audit", "verify", str(path)]) == 1
     assert "seq 1 was changed" in capsys.readouterr().out
+
+
+def test_content_is_recorded_when_the_setting_asks(demo_runtime, tmp_path):
+    """(Off by default: test_tenancy_e2e finds no image and no key in any record.)"""
+    from litestar.testing import TestClient
+
+    from app.server import create_app
+    from app.settings import Settings
+    from tests.slow_server import image_url
+
+    with TestClient(create_app(Settings(data_dir=tmp_path, audit_content=True), demo_runtime)) as client:
+        assert client.post("/v1/embeddings", json={"input": ["a red circle", image_url()]}).status_code == 200
+    (record,) = [json.loads(line) for line in _lines(tmp_path / "audit" / "audit.jsonl")]
+    assert record["route"] == "/v1/embeddings" and record["images"] == 1 and record["prompt_tokens"] > 0
+    assert record["content"]["input"] == ["a red circle", image_url()]

@@ -138,7 +138,7 @@ class VisionStage:
 
     def key_for(self, data: bytes, spec: ReductionSpec, tenant_salt: str | None = None) -> FeatureKey:
         return FeatureKey(image_digest(data), self.encoder.name, self.encoder.weights_digest, self._preprocess,
-                          spec.to_dict(), tenant_salt)
+                          spec.to_dict(), tenant_salt, encoder_dtype=str(self.encoder.dtype).removeprefix("torch."))
 
     def features(self, source: str | bytes, visual_tokens: VisualTokens = None,
                  tenant_salt: str | None = None) -> VisionResult:

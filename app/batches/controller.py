@@ -8,13 +8,12 @@ from litestar.params import FromPath, JSONBody, Parameter
 
 from app.batches.schemas import Batch, BatchList, CreateBatchRequest
 from app.batches.service import BatchService
-from app.tenancy.principal import principal_of, scope_guard
+from app.tenancy.principal import principal_of
 
 
 class BatchesController(Controller):
     path = "/v1/batches"
     tags = ["batches"]
-    guards = [scope_guard]
     opt = {"scope": "batches"}
 
     @post(status_code=200, summary="Run every request of an uploaded input file as one batch")

@@ -63,8 +63,9 @@ class BatchService:
             return
         self.unavailable = None
         self.worker = BatchWorker(self.store, self._off_loop, self.chat, self.settings.batch_concurrency,
-                                  self.settings.max_batch_requests, LineAccounting(self.keys, self.quotas, self.finalizer),
-                                  self.settings.batch_lease_s, self.settings.batch_poll_s)
+                                  self.settings.max_batch_requests, self.settings.batch_lease_s,
+                                  self.settings.batch_poll_s,
+                                  accounting=LineAccounting(self.keys, self.quotas, self.finalizer))
         self._worker_task = asyncio.create_task(self.worker.run(), name="mmserve-batch-worker")
 
     async def stop(self) -> None:

@@ -33,12 +33,10 @@ from app.batches.input_file import BatchLine
 from app.batches.schemas import (ACTIVE_STATUSES, Batch, BatchError, BatchErrors, BatchStatus, CreateBatchRequest,
                                  FileObject, LineError, OutputLine, RequestCounts)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added batch_leases; a version-1 file is upgraded in place (the table is new)
 # Files and batches belong to a tenant ("" = the open server's), and a batch runs as the key that made it.
 # A database made before tenants gets these columns added (its rows belong to ""); the columns have
-# defaults, so the version stays 1 and an older mmserve still reads and writes the database. The same holds
-# for the batch_leases table (added when missing): an older mmserve ignores it, so never run one beside
-# replicas that share the store.
+# defaults, so an older mmserve still reads and writes the database.
 TENANT_COLUMNS = (("files", "tenant"), ("batches", "tenant"), ("batches", "key_id"))
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -79,7 +77,7 @@ class BatchStore:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise sqlite3.DatabaseError(f"{path}: batch database schema version {version}; "
                                         f"this mmserve reads version {SCHEMA_VERSION}")
         self.conn.executescript(SCHEMA)  # idempotent; executescript runs outside any transaction
@@ -203,7 +201,7 @@ class BatchStore:
                 return None
             db.execute("INSERT OR REPLACE INTO batch_leases (batch_id, owner, expires_at) VALUES (?, ?, ?)",
                        (free[0], owner, now + lease_s))
-        batch = self.get_batch(free[0], None)
+        batch = self.get_batch(free[0], None)  # whoever's: the worker runs every tenant's batches
         assert batch is not None, "a leased batch is never deleted"
         return batch, (free[1] if free[1] not in (None, owner) else None)
 
@@ -269,13 +267,20 @@ class BatchStore:
         """Answer a line (only if it is still pending) and return the batch's status, which tells the
         worker whether a cancel arrived. With `owner`, only while that worker holds the batch's lease:
         LeaseLost otherwise, and nothing is written."""
+        return self.answer_line(batch_id, line_no, status_code, result, owner)[0]
+
+    def answer_line(self, batch_id: str, line_no: int, status_code: int, result: bytes,
+                    owner: str | None = None) -> tuple[BatchStatus, bool]:
+        """`record_line`, and whether this answer is the one stored (False: the line was answered
+        already): only the stored answer is charged and audited."""
         with self._transaction() as db:
             if owner is not None and db.execute("SELECT 1 FROM batch_leases WHERE batch_id = ? AND owner = ?",
                                                 (batch_id, owner)).fetchone() is None:
                 raise LeaseLost(f"{owner} no longer holds the lease on {batch_id}")
-            db.execute("UPDATE batch_lines SET status_code = ?, result = ? WHERE batch_id = ? AND line_no = ? "
-                       "AND status_code IS NULL", (status_code, result, batch_id, line_no))
-            return db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0]
+            stored = db.execute("UPDATE batch_lines SET status_code = ?, result = ? WHERE batch_id = ? AND "
+                                "line_no = ? AND status_code IS NULL",
+                                (status_code, result, batch_id, line_no)).rowcount == 1
+            return db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0], stored
 
     def finalize(self, batch_id: str, from_status: BatchStatus, to: BatchStatus) -> bool:
         """Write the output file (answered lines with status 200) and the error file (the others; when

@@ -86,8 +86,8 @@ def gone_from_this_host(owner: str) -> bool:
 
 class BatchWorker:
     def __init__(self, store: BatchStore, off_loop: OffLoop, chat: ChatCompleter, concurrency: int,
-                 max_requests: int, accounting: LineAccounting | None = None, lease_s: float = 30.0,
-                 poll_s: float = 2.0, owner: str | None = None) -> None:
+                 max_requests: int, lease_s: float = 30.0, poll_s: float = 2.0, owner: str | None = None,
+                 accounting: LineAccounting | None = None) -> None:
         self.store, self.db, self.chat = store, off_loop, chat
         self.accounting = accounting or LineAccounting()
         self.concurrency, self.max_requests = concurrency, max_requests
@@ -193,9 +193,10 @@ class BatchWorker:
             try:
                 record, refusal = self.accounting.start(key_id, batch_id, custom_id, f"req_{uuid.uuid4().hex}")
                 status_code, result = await self._answer(custom_id, body, record, refusal)
-                status: BatchStatus = await self.db(self.store.record_line, batch_id, line_no, status_code, result,
-                                                    self.owner)
-                self.accounting.finish(record, status_code)  # after the answer is stored: never twice
+                status, stored = await self.db(self.store.answer_line, batch_id, line_no, status_code, result,
+                                               self.owner)
+                if stored:  # after the answer is stored, and only the stored one: never twice
+                    self.accounting.finish(record, status_code)
                 cancelled = cancelled or status != "in_progress"
             except LeaseLost:
                 cancelled = lost = True  # stop starting lines; those in flight find out the same way

@@ -16,7 +16,7 @@ from app.batches.schemas import FileList, FileObject
 from app.batches.service import MAX_FILES_PAGE, BatchService
 from app.errors import APIError
 from app.settings import Settings
-from app.tenancy.principal import principal_of, scope_guard
+from app.tenancy.principal import principal_of
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the `purpose` field around the file
 UPLOAD_FIELDS = frozenset({"file", "purpose"})
@@ -33,7 +33,6 @@ class FileUpload:
 class FilesController(Controller):
     path = "/v1/files"
     tags = ["files"]
-    guards = [scope_guard]
     opt = {"scope": "batches"}
 
     @post(status_code=200, summary="Upload a batch input file (JSONL of chat requests; purpose 'batch')")

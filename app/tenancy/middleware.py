@@ -4,11 +4,13 @@ It wraps litestar's whole handler (app/server.py), inside the request id and out
 a path no route serves, `//v1/...`, `/v1/../`, a percent-encoded or upper-case spelling all meet the
 same check as a real route: only the exact probe paths below are open. (Middleware given to litestar
 itself runs only for routed requests: an unknown path would slip past it.) Scopes are checked after
-routing, by the handler reached (`scope_guard`), so an odd spelling cannot borrow another route's scope.
+routing, by the handler reached (`tenancy_guard`), so an odd spelling cannot borrow another route's scope.
 
 For every request that is not a probe it opens a `RequestRecord`, and `Finalizer.finish` closes it
 exactly once: just before the response's last body message leaves, or when the request ends without
-one (an exception, a client gone mid-stream). Refusals here (401, 429) are recorded too.
+one (an exception, a client gone mid-stream). Refusals here (401) are recorded too. Scopes, quotas
+and the rate limit are checked after routing (app/tenancy/guard.py): only the routes that spend model
+time count against a key's quotas, so listing models or polling a batch does not eat its requests.
 """
 
 from __future__ import annotations
@@ -20,14 +22,13 @@ import msgspec
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import RateLimiter, Refusal
+from app.auth import Refusal
 from app.errors import send_error
 from app.metrics import CLIENT_CLOSED, Metrics
 from app.request_id import request_id_of
 from app.tenancy.finalize import Finalizer
 from app.tenancy.keys import Keys
 from app.tenancy.principal import ANONYMOUS, PRINCIPAL_STATE
-from app.tenancy.quotas import QuotaStore
 from app.tenancy.record import RECORD_STATE, RequestRecord
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapers, exactly these spellings
@@ -67,16 +68,18 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class TenancyMiddleware:
-    def __init__(self, app: ASGIApp, keys: Keys, quotas: QuotaStore | None, limiter: RateLimiter,
-                 finalizer: Finalizer, metrics: Metrics) -> None:
-        self.app, self.keys, self.quotas, self.limiter = app, keys, quotas, limiter
+    def __init__(self, app: ASGIApp, keys: Keys, finalizer: Finalizer, metrics: Metrics,
+                 keep_content: bool = False) -> None:
+        """`keep_content`: the setting audit_content (prompt text and images in the audit record)."""
+        self.app, self.keys, self.keep_content = app, keys, keep_content
         self.finalizer, self.metrics = finalizer, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
-        record = RequestRecord("request", request_id_of(scope), scope["method"], scope["path"])
+        record = RequestRecord("request", request_id_of(scope), scope["method"], scope["path"],
+                               keep_content=self.keep_content)
         state = scope.setdefault("state", {})
         state[RECORD_STATE] = record
 
@@ -137,14 +140,4 @@ class TenancyMiddleware:
                            "missing API key: send the header 'Authorization: Bearer <key>'",
                            "invalid_request_error", "invalid_api_key", "unauthenticated", 0)
         record.principal = principal
-        # The quota first (a key out of quota hears so, not "slow down"); a request the burst limit then
-        # refuses has been counted as a request.
-        if self.quotas is not None:
-            try:
-                refusal = self.quotas.admit(principal)
-            except sqlite3.Error as e:
-                return Refusal(503, f"the usage store is unavailable: {e}", "server_error", "usage_store_unavailable",
-                               "usage_store_unavailable", 5)
-            if refusal is not None:
-                return refusal
-        return self.limiter.admit(principal.key_id)
+        return None

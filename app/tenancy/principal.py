@@ -1,9 +1,9 @@
 """Who a request runs for: a key's tenant, scopes, model allow-list and limits.
 
 The middleware (app/tenancy/middleware.py) identifies the key and leaves a `Principal` in the scope
-state; handlers ask `require_scope(request, "admin")` (or declare `guards=[scope_guard]` with
-`opt={"scope": ...}`), which runs after routing, so a path spelled oddly still needs the scope of the
-handler it reaches.
+state; a handler declares `opt={"scope": "chat"}` (checked by the app's `tenancy_guard` after routing,
+so a path spelled oddly still needs the scope of the handler it reaches) or asks
+`require_scope(request, "admin")` itself.
 
 With no key configured anywhere the server is open (a local, single-user server, as before): every
 request runs as ANONYMOUS, which holds every scope.
@@ -94,8 +94,9 @@ def require_model(request: Request | ASGIConnection, model: str) -> None:
 
 
 def scope_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
-    """A litestar guard: the handler's `opt["scope"]` is required. Usage on a controller or handler:
-    `guards=[scope_guard], opt={"scope": "admin"}`."""
+    """A litestar guard: the handler's `opt["scope"]` is required. (The app-level `tenancy_guard`,
+    app/tenancy/guard.py, already checks `opt["scope"]` on every route; this one is for a router or
+    app built without it.)"""
     scope = handler.opt.get("scope")
     assert scope is not None, f"{handler} has scope_guard but no opt['scope']"
     require_scope(connection, scope)

@@ -58,6 +58,7 @@ class RequestRecord:
     batch_id: str | None = None
     custom_id: str | None = None
     content: dict[str, Any] | None = None  # prompt text / image URLs, only when audit_content is on
+    keep_content: bool = False  # the setting audit_content: `keep` stores what it is given
     finalized: bool = False
 
     # -- UsageObserver ---------------------------------------------------------------------------------
@@ -76,6 +77,11 @@ class RequestRecord:
 
     def failed(self, code: str | None) -> None:
         self.error_code = code or "error"
+
+    def keep(self, **content: Any) -> None:
+        """The request's content (JSON-able), recorded only when the setting audit_content asks for it."""
+        if self.keep_content:
+            self.content = {**(self.content or {}), **content}
 
     # -- the record ----------------------------------------------------------------------------------
     @property

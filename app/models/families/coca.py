@@ -11,7 +11,7 @@ Both have contrastive towers: embeddings and zero-shot labels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import open_clip
@@ -28,7 +28,7 @@ from llm.loading.chat_format import CAPTION_QUESTION, CaptionOnlyFormat, ChatFor
 from llm.loading.coca_checkpoint import CoCaCheckpoint, ModelDirError, ModelSpec, is_coca_dir, read_coca_dir
 from llm.loading.tokenizers import CoCaTokenizer
 from llm.models.coca import CoCaDecoder, decoder_from_open_clip
-from llm.packed_linear import pack_linears
+from llm.packed_linear import dense_copy, pack_linears
 from vision.encoders.base import ImageFeatures
 from vision.encoders.open_clip import VisionEncoder
 from vision.preprocess import PreprocessCfg
@@ -93,16 +93,19 @@ class CoCaTextTower:
 class CoCaModel:
     family = FAMILY
 
-    def __init__(self, loaded: LoadedCoCa) -> None:
-        self.loaded = loaded
+    def __init__(self, loaded: LoadedCoCa, dtype: torch.dtype = torch.float32) -> None:
+        """`dtype`: the decoder's and the vision tower's; the text tower (label and prompt latents, a
+        few calls per label set) stays fp32."""
+        self.loaded, self.dtype = loaded, dtype
         spec = loaded.spec
+        loaded.model.visual.to(dtype)
         self.name = spec.name
         self.weights_digest = loaded.weights_digest
         self.tokenizer = loaded.tokenizer
         self.labels = tuple(spec.labels)
         self.encoder = VisionEncoder(loaded.model.visual, PreprocessCfg.from_dict(spec.preprocess), spec.name,
                                      loaded.weights_digest)
-        self.decoder: CoCaDecoder = decoder_from_open_clip(spec.coca, loaded.model.state_dict())
+        self.decoder: CoCaDecoder = decoder_from_open_clip(spec.coca, loaded.model.state_dict()).to(dtype)
         # From here on the tower only infers (for the encoder and zero-shot alike): oneDNN-packed linears
         # and attention projections, after the decoder took its weights from the state dict.
         pack_linears(loaded.model.visual)
@@ -118,13 +121,21 @@ class CoCaModel:
         self._zero_shot: ZeroShot | None = None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "CoCaModel":
-        return cls(load_coca(path))
+    def from_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "CoCaModel":
+        return cls(load_coca(path), dtype)
 
     @classmethod
-    def load(cls, path: Path, max_context: int | None = None) -> "CoCaModel":
+    def load(cls, path: Path, max_context: int | None = None, dtype: torch.dtype = torch.float32) -> "CoCaModel":
         """(A CoCa context is the learned positional table's length: `max_context` does not apply.)"""
-        return cls.from_dir(path)
+        return cls.from_dir(path, dtype)
+
+    def with_dtype(self, dtype: torch.dtype) -> "CoCaModel":
+        if dtype == self.dtype:
+            return self
+        # the decoder's weights come from the open_clip model's state dict, which the packed linears of
+        # this one's tower no longer hold: from a dense copy, in fp32 for the text tower
+        model = dense_copy(self.loaded.model).float()
+        return CoCaModel(replace(self.loaded, model=model), dtype)
 
     @staticmethod
     def detect(path: Path) -> bool:
