@@ -1,4 +1,4 @@
-"""`mmserve`: serve, caption, ask, train-demo, keys, audit, canary."""
+"""`mmserve`: serve, caption, ask, quantize, train-demo, keys, audit, canary."""
 
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llm.loading.errors import ModelDirError
 
     settings = Settings.from_env(host=args.host, port=args.port, models=tuple(args.model or ()) or None,
-                                 models_file=args.models, canary=tuple(args.canary or ()) or None)
+                                 models_file=args.models, canary=tuple(args.canary or ()) or None,
+                                 quantize=args.quantize)
     if args.ray:
         return cmd_serve_ray(args, settings)
     if args.replicas is not None or args.autoscale is not None or args.ray_address is not None:
@@ -263,6 +264,32 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from app.models.compress import Compression, compress_checkpoint
+    from llm.loading.errors import ModelDirError
+    from llm.quant import QuantScheme
+    from llm.quant.prune import PruneSpec
+    from llm.quant.scheme import DEFAULT_INT4_GROUP_SIZE
+
+    try:  # every argument checked here, before anything loads
+        group = args.group_size if args.group_size is not None or args.weights != "int4" else DEFAULT_INT4_GROUP_SIZE
+        scheme = QuantScheme(args.weights, group, args.method) if args.weights else None
+        if not args.weights and (args.group_size is not None or args.method != "rtn"):
+            raise ValueError("--group-size and --method need --weights int8|int4")
+        compression = Compression(scheme, PruneSpec.parse(args.prune) if args.prune else None)
+        report = compress_checkpoint(args.in_dir, args.out_dir, compression, args.calibration,
+                                     progress=lambda items, **kw: tqdm(items, mininterval=1, leave=False, **kw))
+    except (ModelDirError, ValueError) as e:
+        return _fail(str(e))
+    print(f"mmserve: {args.out_dir}: {report.family} decoder {report.record.label}, weights read per token "
+          f"{report.bytes_before / 2**20:.1f} -> {report.bytes_after / 2**20:.1f} MiB"
+          + (f", calibrated on {report.calibration_sequences} sequences" if report.calibration_sequences else "")
+          + f"; serve it with: mmserve serve --model NAME={args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmserve", description="Multimodal (image + text) inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "copies); default 0: set it later with `mmserve canary set`")
     serve.add_argument("--models", default=None, metavar="FILE",
                        help="a models.toml: one [[model]] table per model (name, path, family, dtype, "
-                            "visual_tokens, version, aliases, memory_share)")
+                            "visual_tokens, version, aliases, memory_share, quantize)")
+    serve.add_argument("--quantize", default=None, metavar="int8|int4|int4-gN",
+                       help="quantize each model's decoder on load (round-to-nearest; an entry's own quantize wins)")
     serve.add_argument("--ray", action="store_true",
                        help="serve on Ray Serve: the same app as replicas (pip install 'mmserve[ray]')")
     serve.add_argument("--replicas", type=int, default=None, help="with --ray: how many replicas (default 1)")
@@ -312,6 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help='print {"image", "question", "answer"}')
     ask.add_argument("--model", default=None, help=model_help)
     ask.set_defaults(func=cmd_ask)
+
+    quantize = sub.add_parser("quantize", help="write a quantized and/or pruned copy of a checkpoint directory")
+    quantize.add_argument("in_dir", metavar="IN_DIR", help="a checkpoint directory (demo/CoCa or Hugging Face Mllama)")
+    quantize.add_argument("out_dir", metavar="OUT_DIR", help="where the new checkpoint goes (new or empty)")
+    quantize.add_argument("--weights", default=None, metavar="int8|int4",
+                          help="int8: W8A16, per output channel; int4: W4A16, per group (bf16 activations)")
+    quantize.add_argument("--group-size", type=int, default=None, metavar="32|64|128",
+                          help="int4 inputs per scale and zero (default 64)")
+    quantize.add_argument("--method", default="rtn", metavar="rtn|gptq",
+                          help="round-to-nearest, or GPTQ (needs --calibration)")
+    quantize.add_argument("--prune", default=None, metavar="heads=SHARE,mlp=SHARE",
+                          help="drop that share of each layer's attention heads and MLP channels, least important "
+                               "first (needs --calibration)")
+    quantize.add_argument("--calibration", default=None, metavar="DIR",
+                          help="images (and an optional prompts.txt, one prompt a line) to measure importance "
+                               "and GPTQ statistics on")
+    quantize.set_defaults(func=cmd_quantize)
 
     train = sub.add_parser("train-demo", help="train the bundled demo model (about 50 minutes on 2 cores)")
     train.add_argument("--out", default=str(BUNDLED_MODEL))

@@ -45,6 +45,7 @@ from app.request_id import RequestIdMiddleware
 from app.routing.staged import StagedRouter
 from app.settings import Settings
 from llm.hardware import resolve_dtype
+from llm.quant.scheme import QuantScheme
 from app.tenancy.controller import AdminKeysController, UsageController
 from app.tenancy.finalize import Finalizer
 from app.tenancy.guard import tenancy_guard
@@ -57,8 +58,12 @@ LoadedModels = list[tuple[ModelEntry, FamilyModel]]
 
 def load_models(settings: Settings) -> LoadedModels:
     """Every entry's checkpoint, loaded (raises ModelDirError / ModelEntryError naming the problem)."""
+    def quantize(entry: ModelEntry) -> QuantScheme | None:
+        text = entry.quantize or settings.quantize
+        return QuantScheme.parse(text) if text else None
+
     return [(entry, load_family_model(entry.path, entry.family, settings.max_model_len or None,
-                                      resolve_dtype(entry.dtype or settings.dtype)))
+                                      resolve_dtype(entry.dtype or settings.dtype), quantize(entry)))
             for entry in settings.model_entries()]
 
 

@@ -15,6 +15,7 @@ from app.models.entry import ModelEntry, load_models_file, memory_shares, parse_
 from llm.engine import EngineConfig
 from llm.hardware import DTYPE_SETTINGS
 from llm.kv_cache import KV_CACHE_DTYPES
+from llm.quant.scheme import QuantScheme
 from vision.fetch import FetchPolicy, parse_allowed_hosts
 from vision.intake import IntakeLimits
 from vision.stage import VisionStageConfig, parse_visual_tokens
@@ -53,6 +54,9 @@ class Settings:
     # Both K/V pools (self-attention and image K/V): auto = the model's dtype; int8 = asymmetric int8 with
     # a scale and zero point per token and head (llm/kv_cache.py), ~1.9x the tokens of bf16 in the same bytes.
     kv_cache_dtype: str = "auto"
+    # Quantize-on-load (llm/quant): "int8" (W8A16), "int4" / "int4-g32|64|128" (W4A16), round-to-nearest,
+    # for every model whose entry sets none; the same weights `mmserve quantize` writes. "" = none.
+    quantize: str = ""
     # torch.compile decode steps: ~20% faster single-stream decoding on a CPU, but each new step shape
     # compiles first (~30-60 s on 2 cores, in the engine thread), so it is off unless asked for.
     compile_decode: bool = False
@@ -160,6 +164,11 @@ class Settings:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"setting kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
                              f"got {self.kv_cache_dtype!r}")
+        if self.quantize:
+            try:
+                QuantScheme.parse(self.quantize)
+            except ValueError as e:
+                raise ValueError(f"setting quantize: {e}") from None
         if not 0 < self.port < 65536:
             raise ValueError(f"setting port must be in 1..65535, got {self.port}")
         if self.threads < 0 or self.request_timeout_s <= 0:

@@ -1,6 +1,5 @@
 """Image-to-text captioning, mmserve vs transformers `generate`, per family at its published base
-shapes with random weights: BLIP base, ViT-GPT2 base, TrOCR base (Florence-2 base where the florence
-family is present).
+shapes with random weights: BLIP base, ViT-GPT2 base, TrOCR base, Florence-2 base.
 
     python -m bench.captioning            # 64 images x 32 new tokens per family
     python -m bench.captioning --quick    # 8 images per family
@@ -12,7 +11,10 @@ Per family and dtype (float32 by default: the fastest here for both sides; --dty
 - mmserve end to end: `mmserve serve --model NAME=DIR` on loopback, every image sent at once as a chat
   completion (data URL, min_tokens = max_tokens = N); images/s from the first request to the last answer.
   Its decode part: the same requests again, every image's features now in the feature cache, so no
-  vision tower runs (the image K/V pool too: what a repeated image costs); the vision part is the rest.
+  vision tower runs (the image K/V pool too: what a repeated image costs; for Florence-2 its BART
+  encoder's output, pooled per image and prompt, too); the vision part is the rest.
+Florence-2 is asked for <CAPTION>, N new tokens after its forced <s> (transformers: N + 2 with its
+forced <s> and </s>), with no minimum length: the others generate exactly N.
 Outputs: the captions of both sides are compared (identical share); in fp32 they must all be equal.
 Targets: >= 2x images/s end to end; where the vision tower dominates (the same transformers tower on
 both sides), the decode part alone >= 3x.
@@ -31,21 +33,31 @@ import httpx
 import torch
 from PIL import Image
 
-from bench.caption_checkpoints import write_base
+from bench.caption_checkpoints import write_base, write_blip, write_ved
 from bench.report import command_line, publish, table
 from bench.serve import mmserve_launch
 from bench.server_process import free_port, serving
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
-FAMILIES = ("blip", "vit-gpt2", "trocr")
+FAMILIES = ("blip", "vit-gpt2", "trocr", "florence2")
 BATCH = 16
+TINY_VED = {"vit-gpt2": ("vit", "gpt2"), "trocr": ("vit", "trocr")}
+FLORENCE_TASK = "<CAPTION>"  # what mmserve asks Florence-2 for when a request has no text
 
 
-def checkpoint(family: str) -> Path:
-    path = OUT / f"caption-{family}-base"
+def checkpoint(family: str, tiny: bool = False) -> Path:
+    """The family's checkpoint at its published base shape (or the tests' tiny one), built once."""
+    path = OUT / f"caption-{family}-{'tiny' if tiny else 'base'}"
     if not (path / "config.json").is_file():
-        write_base(path, family)
+        if family == "florence2":
+            from bench.florence2_checkpoint import PRESETS, write_florence2_checkpoint
+
+            write_florence2_checkpoint(path, **PRESETS["tiny" if tiny else "base"])
+        elif tiny:
+            write_blip(path) if family == "blip" else write_ved(path, *TINY_VED[family])
+        else:
+            write_base(path, family)
     return path
 
 
@@ -62,43 +74,59 @@ def png_url(image: Image.Image) -> str:
 
 
 # -- transformers ------------------------------------------------------------------------------------
-def transformers_model(path: Path, dtype: torch.dtype):
-    from transformers import AutoImageProcessor, AutoTokenizer, BlipForConditionalGeneration, VisionEncoderDecoderModel
+class Peer:
+    """transformers' own way to caption with a checkpoint of one family: model, inputs, the tower."""
 
-    cls = BlipForConditionalGeneration if "blip" in path.name else VisionEncoderDecoderModel
-    model = cls.from_pretrained(path, dtype=dtype).eval()
-    return model, AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    def __init__(self, family: str, path: Path, dtype: torch.dtype) -> None:
+        import transformers as tf
+
+        self.family, self.dtype = family, dtype
+        cls = {"blip": tf.BlipForConditionalGeneration, "florence2": tf.Florence2ForConditionalGeneration}.get(
+            family, tf.VisionEncoderDecoderModel)
+        self.model = cls.from_pretrained(path, dtype=dtype).eval()
+        if family == "florence2":
+            self.processor = tf.AutoProcessor.from_pretrained(path)
+            self.tower = self.model.model.vision_tower
+        else:
+            self.processor = tf.AutoImageProcessor.from_pretrained(path)
+            self.tokenizer = tf.AutoTokenizer.from_pretrained(path)
+            self.tower = self.model.vision_model if family == "blip" else self.model.encoder
+
+    def generate(self, images: list[Image.Image], new: int) -> list[str]:
+        images = [im.convert("RGB") for im in images]
+        if self.family == "florence2":  # its forced <s> first and </s> last are not part of mmserve's count
+            inputs = self.processor(text=[FLORENCE_TASK] * len(images), images=images, return_tensors="pt")
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=new + 2)
+            return self.processor.batch_decode(out, skip_special_tokens=True)
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.dtype)
+        out = self.model.generate(pixel_values=pixels, do_sample=False, max_new_tokens=new, min_new_tokens=new)
+        # the new tokens: after the start token ([DEC] for BLIP, decoder_start_token_id for VED)
+        return self.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
 
 
-def run_transformers(path: Path, images: list[Image.Image], new: int, dtype: torch.dtype) -> dict:
-    model, processor, tokenizer = transformers_model(path, dtype)
-    tower = model.vision_model if hasattr(model, "vision_model") else model.encoder
+def run_transformers(family: str, path: Path, images: list[Image.Image], new: int, dtype: torch.dtype) -> dict:
+    peer = Peer(family, path, dtype)
     spent = {"vision": 0.0}
-    tower.register_forward_pre_hook(lambda *_: spent.__setitem__("t0", time.perf_counter()))
-    tower.register_forward_hook(lambda *_: spent.__setitem__("vision", spent["vision"] + time.perf_counter()
-                                                             - spent["t0"]))
-    with torch.inference_mode():  # warm-up: one small batch, not timed
-        pixels = processor(images=images[:2], return_tensors="pt")["pixel_values"].to(dtype)
-        model.generate(pixel_values=pixels, do_sample=False, max_new_tokens=2, min_new_tokens=2)
-    spent["vision"] = 0.0
-    captions = []
-    start = time.perf_counter()
+    peer.tower.register_forward_pre_hook(lambda *_: spent.__setitem__("t0", time.perf_counter()))
+    peer.tower.register_forward_hook(lambda *_: spent.__setitem__("vision", spent["vision"] + time.perf_counter()
+                                                                  - spent["t0"]))
     with torch.inference_mode():
+        peer.generate(images[:2], 2)  # warm-up, not timed
+        spent["vision"] = 0.0
+        captions = []
+        start = time.perf_counter()
         for i in range(0, len(images), BATCH):
-            pixels = processor(images=[im.convert("RGB") for im in images[i:i + BATCH]],
-                               return_tensors="pt")["pixel_values"].to(dtype)
-            out = model.generate(pixel_values=pixels, do_sample=False, max_new_tokens=new, min_new_tokens=new)
-            # the new tokens: after the start token ([DEC] for BLIP, decoder_start_token_id for VED)
-            captions += tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
-    total = time.perf_counter() - start
+            captions += peer.generate(images[i:i + BATCH], new)
+        total = time.perf_counter() - start
     return {"seconds": total, "vision_s": spent["vision"], "decode_s": total - spent["vision"], "captions": captions}
 
 
 # -- mmserve -----------------------------------------------------------------------------------------
-async def _ask_all(base_url: str, model: str, urls: list[str], new: int) -> list[str]:
+async def _ask_all(base_url: str, model: str, urls: list[str], new: int, exact: bool = True) -> list[str]:
     async with httpx.AsyncClient(base_url=base_url, timeout=3600) as client:
         async def one(url: str) -> str:
-            body = {"model": model, "max_completion_tokens": new, "min_tokens": new, "temperature": 0,
+            body = {"model": model, "max_completion_tokens": new, "temperature": 0, **({"min_tokens": new} if exact else {}),
                     "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
             r = await client.post("/v1/chat/completions", json=body)
             r.raise_for_status()
@@ -106,7 +134,7 @@ async def _ask_all(base_url: str, model: str, urls: list[str], new: int) -> list
         return list(await asyncio.gather(*(one(u) for u in urls)))
 
 
-def run_mmserve_http(path: Path, images: list[Image.Image], new: int, dtype: str, threads: int) -> dict:
+def run_mmserve_http(family: str, path: Path, images: list[Image.Image], new: int, dtype: str, threads: int) -> dict:
     """Every image at once, twice: the first pass end to end (decode, vision tower and all); the second
     finds every image's features in the feature cache, so it is the serving path without the vision
     tower: its time is mmserve's decode part (prefill and steps, over HTTP)."""
@@ -120,10 +148,12 @@ def run_mmserve_http(path: Path, images: list[Image.Image], new: int, dtype: str
     with serving(launch, OUT / f"captioning-{path.name}-{dtype}.log") as server:
         asyncio.run(_ask_all(server.base_url, "captioner", [warm], 2))
         start = time.perf_counter()
-        captions = asyncio.run(_ask_all(server.base_url, "captioner", urls, new))
+        # Florence-2 ends where its forced </s> falls (transformers: no min_new_tokens beside it)
+        exact = family != "florence2"
+        captions = asyncio.run(_ask_all(server.base_url, "captioner", urls, new, exact))
         seconds = time.perf_counter() - start
         start = time.perf_counter()
-        again = asyncio.run(_ask_all(server.base_url, "captioner", urls, new))
+        again = asyncio.run(_ask_all(server.base_url, "captioner", urls, new, exact))
         decode = time.perf_counter() - start
         return {"seconds": seconds, "decode_s": decode, "vision_s": max(0.0, seconds - decode), "captions": captions,
                 "repeat_identical": again == captions, "rss_mib": server.rss_mib()}
@@ -143,6 +173,7 @@ def main() -> None:
                         help="comma-separated dtypes to run each side in (each side's figure is its fastest); "
                              "float32 is the fastest here for both (bench/RESULTS.md, the dtype probe)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, each side")
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny checkpoints: checks the harness only")
     args = parser.parse_args()
     n = args.images or (8 if args.quick else 64)
     torch.set_num_threads(args.threads)
@@ -151,11 +182,11 @@ def main() -> None:
     rows, parts_rows = [], []
     summary = {"images": n, "new_tokens": args.new_tokens, "threads": args.threads, "quick": args.quick}
     for family in args.families.split(","):
-        path = checkpoint(family)
+        path = checkpoint(family, args.tiny)
         best = {"hf": [], "ours": []}
         for dtype in args.dtypes.split(","):
-            hf = run_transformers(path, images, args.new_tokens, getattr(torch, dtype))
-            ours = run_mmserve_http(path, images, args.new_tokens, dtype, args.threads)
+            hf = run_transformers(family, path, images, args.new_tokens, getattr(torch, dtype))
+            ours = run_mmserve_http(family, path, images, args.new_tokens, dtype, args.threads)
             for side, r in (("transformers generate (batches of 16)", hf), ("mmserve (HTTP, all at once)", ours)):
                 rows.append({"family": family, "side": side, "dtype": dtype, "images_per_s": n / r["seconds"],
                              "seconds": r["seconds"], "vision_share": r["vision_s"] / r["seconds"],
@@ -185,7 +216,7 @@ def main() -> None:
             [(f"Images/s end to end ({n} images, {args.new_tokens} new tokens each, {args.threads} thread(s))",
               table(rows)),
              ("Vision and decode seconds, decode alone, captions identical to transformers'", table(parts_rows))],
-            details={"rows": rows, "parts": parts_rows})
+            write_md=not args.tiny, details={"rows": rows, "parts": parts_rows})
 
 
 if __name__ == "__main__":

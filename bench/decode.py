@@ -75,13 +75,14 @@ def _faster(runs: dict[str, list[float]], system: str) -> tuple[str, float]:
 
 # -- 1. batch captioning --------------------------------------------------------------------------
 
-def _ours_caption(tower, decoder, pixels: torch.Tensor, new_tokens: int) -> tuple[float, dict, Engine, dict]:
+def _ours_caption(tower, decoder, pixels: torch.Tensor, new_tokens: int, cross_bytes: int
+                  ) -> tuple[float, dict, Engine, dict]:
     """Pixels to tokens: the vision tower (packed, as app/runtime.py runs it), then the engine over
     every image at once. The engine is a fresh one (no image K/V or prefix from an earlier run), made
     before the clock starts, as a server's is (allocating its KV pool is start-up work)."""
     n_ours = pixels.shape[0]
     engine = Engine(decoder, None, (EOT,), EngineConfig(max_num_seqs=64, max_num_batched_tokens=1024,
-                                                        kv_cache_bytes=256 * MiB, cross_cache_bytes=1 << 30))
+                                                        kv_cache_bytes=256 * MiB, cross_cache_bytes=cross_bytes))
     step, peak = _peak_tracker(engine)
     start = time.perf_counter()
     dtype = next(tower.parameters()).dtype
@@ -100,34 +101,38 @@ def _ours_caption(tower, decoder, pixels: torch.Tensor, new_tokens: int) -> tupl
 
 
 def bench_captioning(n_images: int, repeats: int, new_tokens: int = 32) -> dict:
-    """Each system's best of `repeats` runs in each dtype, the runs interleaved (see bench_bandwidth on
-    this VM's noise); open_clip captions the same `n_images` images as mmserve."""
+    """Each system's best of `repeats` runs in each dtype, the two systems' runs interleaved (see
+    bench_bandwidth on this VM's noise); open_clip captions the same `n_images` images as mmserve. One
+    dtype's models at a time: the machine is shared and its memory is not ours alone."""
     model, cfg = random_coca_b32()
     from llm.models.coca import decoder_from_open_clip
 
-    fp32 = decoder_from_open_clip(cfg, model.state_dict())
-    decoders = {"float32": fp32, "bfloat16": dense_copy(fp32).to(torch.bfloat16)}
-    towers = {d: copy.deepcopy(model.visual).eval().to(t) for d, t in DTYPES.items()}
-    pack_linears(towers["float32"])  # as app/models/families/coca.py runs it (bf16 needs no packing)
-    references = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
     torch.manual_seed(1)
     pixels = torch.randn(n_images, 3, 224, 224)
     open_clip_generate_available()
     runs: dict[str, list[float]] = {f"{s}/{d}": [] for s in ("ours", "open_clip") for d in DTYPES}
     tokens: dict[str, object] = {}
-    for _ in range(repeats):
-        for d, dtype in DTYPES.items():
-            ours_s, ours, engine, peak = _ours_caption(towers[d], decoders[d], pixels, new_tokens)
+    for d, dtype in DTYPES.items():
+        model.to(dtype)  # open_clip's own model in this dtype (fp32 first: converted in place after)
+        decoder = decoder_from_open_clip(cfg, model.state_dict()).to(dtype)
+        tower = copy.deepcopy(model.visual).eval()
+        pack_linears(tower)  # as app/models/families/coca.py runs it (a no-op in bf16)
+        with torch.inference_mode():
+            n_tok = tower(pixels[:1].to(dtype))[1].shape[1]
+        cross_bytes = bytes_per_token(decoder.cross_kv_shape, dtype) * n_tok * n_images
+        for _ in range(repeats):
+            ours_s, ours, engine, peak = _ours_caption(tower, decoder, pixels, new_tokens, cross_bytes)
             runs[f"ours/{d}"].append(n_images / ours_s)
-            start = time.perf_counter()
-            with torch.inference_mode():  # seq_len counts the start token and the forced final end token
-                ref = references[d].generate(pixels.to(dtype), seq_len=new_tokens + 2, generation_type="top_k",
-                                             top_k=1, min_seq_len=new_tokens + 1)
-            runs[f"open_clip/{d}"].append(n_images / (time.perf_counter() - start))
-            tokens[f"ours/{d}"], tokens[f"open_clip/{d}"] = ours, ref
             if d == DEFAULT:
                 kv_peak, kv_pool = _kv_peak_mib(engine, peak), engine.runner.kv_pool_bytes / MiB
             del engine
+            start = time.perf_counter()
+            with torch.inference_mode():  # seq_len counts the start token and the forced final end token
+                ref = model.generate(pixels.to(dtype), seq_len=new_tokens + 2, generation_type="top_k",
+                                     top_k=1, min_seq_len=new_tokens + 1)
+            runs[f"open_clip/{d}"].append(n_images / (time.perf_counter() - start))
+            tokens[f"ours/{d}"], tokens[f"open_clip/{d}"] = ours, ref
+        del decoder, tower
 
     def agreement(d: str) -> float:  # greedy tokens equal to open_clip's in the same dtype, position by position
         ours, ref = tokens[f"ours/{d}"], tokens[f"open_clip/{d}"]
@@ -201,7 +206,7 @@ def _hf_generate(model, encoder, requests: list[ChatRequest], image_token: int) 
 def _ours_serve(decoder, encoder, requests: list[ChatRequest], in_flight: int) -> tuple[float, Engine, dict]:
     """Clients keep `in_flight` requests open; each new one is encoded (vision) and added when one ends."""
     engine = Engine(decoder, None, (EOS,), EngineConfig(max_num_seqs=in_flight, max_num_batched_tokens=512,
-                                                        kv_cache_bytes=512 * MiB))
+                                                        kv_cache_bytes=256 * MiB))
     step, peak = _peak_tracker(engine)
     queue = list(enumerate(requests))
     start = time.perf_counter()
@@ -393,11 +398,12 @@ def main() -> None:
     q = args.quick
     t0 = time.perf_counter()
     cap = bench_captioning(n_images=16 if q else 64, repeats=2 if q else 3)
-    print(f"captioning done in {time.perf_counter() - t0:.0f} s", flush=True)
+    # each section's figures as it ends: on a crowded machine a run may not live to the end
+    print(f"captioning done in {time.perf_counter() - t0:.0f} s: {cap['runs']}", flush=True)
     models = load_mllama()
     chat = bench_chat(n_ours=24 if q else 64, n_sequential=3 if q else 12, n_batched=16 if q else 32, models=models,
                       repeats=2 if q else 3)
-    print(f"chat done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"chat done in {time.perf_counter() - t0:.0f} s: {chat['runs_tokens_per_s']}", flush=True)
     turns = bench_multiturn(models[DEFAULT], repeats=2 if q else 5)
     # quick: no compile_decode rows (two compiles take minutes on a shared 2-core machine)
     bw = bench_bandwidth(models, new_tokens=48 if q else 128, repeats=2 if q else 3, compiled=not q)

@@ -21,6 +21,7 @@ from app.models.families.mllama import MllamaModel
 from app.models.families.ved import VEDModel
 from llm.loading.errors import ModelDirError
 from llm.loading.hf import read_config
+from llm.quant import QuantScheme, is_quantized, quantize_model
 
 FAMILIES = {"coca": CoCaModel, "mllama": MllamaModel, "blip": BlipModel, "ved": VEDModel, "florence2": Florence2Model}
 DESCRIBED = ("coca (mmserve or open_clip CoCa format), mllama (MllamaForConditionalGeneration), "
@@ -46,11 +47,18 @@ def detect_family(path: Path) -> str:
 
 
 def load_family_model(path: Path, family: str = "", max_context: int | None = None,
-                      dtype: torch.dtype = torch.float32) -> FamilyModel:
+                      dtype: torch.dtype = torch.float32, quantize: QuantScheme | None = None) -> FamilyModel:
     """`family` "" = detected. `max_context` caps a family whose configured context is longer. `dtype`:
-    what the decoder and the vision tower compute in (llm/hardware.py resolve_dtype)."""
+    what the decoder and the vision tower compute in (llm/hardware.py resolve_dtype). `quantize`: the
+    decoder quantized on load (round-to-nearest), the same weights `mmserve quantize` would write."""
     path = Path(path)
     family = family or detect_family(path)
     if family not in FAMILIES:
         raise ModelDirError(f"model family {family!r} is not supported; supported: {DESCRIBED}")
-    return FAMILIES[family].load(path, max_context, dtype)
+    model = FAMILIES[family].load(path, max_context, dtype)
+    if quantize is not None:
+        if is_quantized(model.decoder):
+            raise ModelDirError(f"{path} is already quantized; serve it without quantize, or quantize the "
+                                f"original checkpoint")
+        model.decoder = quantize_model(model.decoder, quantize)
+    return model

@@ -26,8 +26,9 @@ from llm.generate import generate_greedy
 from llm.params import SamplingParams
 from llm.loading.chat_format import CAPTION_QUESTION, CaptionOnlyFormat, ChatFormat, Turn
 from llm.loading.coca_checkpoint import CoCaCheckpoint, ModelDirError, ModelSpec, is_coca_dir, read_coca_dir
+from llm.loading.decoder_checkpoint import DecoderRecord, configured, load_decoder, read_record
 from llm.loading.tokenizers import CoCaTokenizer
-from llm.models.coca import CoCaDecoder, decoder_from_open_clip
+from llm.models.coca import CoCaDecoder, CoCaDecoderConfig, decoder_from_open_clip
 from llm.packed_linear import dense_copy, pack_linears
 from vision.encoders.base import ImageFeatures
 from vision.encoders.open_clip import VisionEncoder
@@ -53,14 +54,31 @@ class LoadedCoCa:
     model: open_clip.CoCa  # eval mode, fp32
     tokenizer: CoCaTokenizer
     weights_digest: str
+    path: Path | None = None
+    # A compressed decoder (llm/loading/decoder_checkpoint.py): the directory holds it apart, and
+    # open_clip's own multimodal decoder (`text_decoder.*`) is left out of model.safetensors.
+    record: DecoderRecord | None = None
+
+    def decoder(self) -> CoCaDecoder:
+        """Our decoder: the compressed one the record names, else built from open_clip's weights."""
+        if self.record is None:
+            return decoder_from_open_clip(self.spec.coca, self.model.state_dict())
+        cfg = configured(CoCaDecoderConfig.from_coca_kwargs(self.spec.coca), self.record)
+        with torch.device("meta"):
+            empty = CoCaDecoder(cfg)
+        return load_decoder(empty, self.path, self.record)
 
 
 def load_coca(path: str | Path) -> LoadedCoCa:
     """The whole open_clip model of a CoCa checkpoint directory (training, evaluation, serving)."""
     ckpt: CoCaCheckpoint = read_coca_dir(path)
     model = build_coca(ckpt.spec)
-    model.load_state_dict(ckpt.state, strict=True)
-    return LoadedCoCa(ckpt.spec, model.eval(), ckpt.tokenizer, ckpt.weights_digest)
+    record = read_record(ckpt.spec.extra, f"{path}/config.json")
+    missing, unexpected = model.load_state_dict(ckpt.state, strict=record is None)
+    if record is not None and (unexpected or any(not k.startswith("text_decoder.") for k in missing)):
+        raise ModelDirError(f"{path}/model.safetensors does not fit its config: missing "
+                            f"{[k for k in missing if not k.startswith('text_decoder.')][:3]}, unexpected {unexpected[:3]}")
+    return LoadedCoCa(ckpt.spec, model.eval(), ckpt.tokenizer, ckpt.weights_digest, Path(path), record)
 
 
 @dataclass(frozen=True)
@@ -105,7 +123,7 @@ class CoCaModel:
         self.labels = tuple(spec.labels)
         self.encoder = VisionEncoder(loaded.model.visual, PreprocessCfg.from_dict(spec.preprocess), spec.name,
                                      loaded.weights_digest)
-        self.decoder: CoCaDecoder = decoder_from_open_clip(spec.coca, loaded.model.state_dict()).to(dtype)
+        self.decoder: CoCaDecoder = loaded.decoder().to(dtype)
         # From here on the tower only infers (for the encoder and zero-shot alike): oneDNN-packed linears
         # and attention projections, after the decoder took its weights from the state dict.
         pack_linears(loaded.model.visual)

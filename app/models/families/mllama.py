@@ -27,8 +27,9 @@ from app.models.capabilities import Capabilities
 from app.models.families.base import PromptError
 from llm.loading.chat_template import HFChatTokenizer
 from llm.loading.errors import ModelDirError
+from llm.loading.decoder_checkpoint import configured, load_decoder, read_record
 from llm.loading.hf import file_digest, generation_stop_ids, load_tensors, read_config, read_json, safetensors_files
-from llm.models.mllama import MllamaDecoder, mllama_from_hf_dir
+from llm.models.mllama import MllamaDecoder, MllamaDecoderConfig, mllama_from_hf_dir
 from llm.packed_linear import dense_copy
 from vision.encoders.mllama import VISION_PREFIXES, MllamaVisionEncoder
 
@@ -52,7 +53,7 @@ class MllamaModel:
         self.name = path.name
         self.tokenizer = HFChatTokenizer(path)
         self.weights_digest = file_digest(safetensors_files(path))
-        self.decoder: MllamaDecoder = mllama_from_hf_dir(path, max_context, dtype)
+        self.decoder: MllamaDecoder = self._load_decoder(path, config, max_context, dtype)
         self.encoder = MllamaVisionEncoder.from_state(config["vision_config"], load_tensors(path, VISION_PREFIXES),
                                                       preprocess, self.name).to(dtype)
         self.stop_ids = generation_stop_ids(path, config)
@@ -65,6 +66,18 @@ class MllamaModel:
         self.capabilities = Capabilities(questions=True, captions=True, max_images=MAX_IMAGES, text_only=True,
                                          embeddings=False, zero_shot=False,
                                          structured_output=self.vocabulary is not None, tools=True)
+
+    @staticmethod
+    def _load_decoder(path: Path, config: dict, max_context: int | None,
+                      dtype: torch.dtype) -> MllamaDecoder:
+        """transformers' language-model weights, or the compressed decoder config.json's record names
+        (`mmserve quantize`: llm/loading/decoder_checkpoint.py)."""
+        record = read_record(config, str(path / "config.json"))
+        if record is None:
+            return mllama_from_hf_dir(path, max_context, dtype)
+        with torch.device("meta"):
+            empty = MllamaDecoder(configured(MllamaDecoderConfig.from_hf(config, max_context), record))
+        return load_decoder(empty, path, record).to(dtype)
 
     @classmethod
     def load(cls, path: Path, max_context: int | None = None, dtype: torch.dtype = torch.float32) -> "MllamaModel":
