@@ -45,6 +45,40 @@ def _read_image(path: str, settings: Settings):
         return None, f"{path}: {e}"
 
 
+def require_ray() -> str | None:
+    """None when Ray Serve and Ray Data import; else the one line that says how to get them."""
+    try:
+        import ray  # noqa: F401
+        from ray import data, serve  # noqa: F401
+    except ImportError as e:
+        return f"--ray needs Ray ({e.name or e}): pip install 'mmserve[ray]'"
+    return None
+
+
+def parse_autoscale(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, sep, high = text.partition(":")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ValueError(f"--autoscale takes MIN:MAX replicas (e.g. 1:4), got {text!r}")
+    return int(low), int(high)
+
+
+def cmd_serve_ray(args: argparse.Namespace, settings: Settings) -> int:
+    if (missing := require_ray()) is not None:
+        return _fail(missing)
+    from app.scale.ray_serve import Topology, run
+
+    try:
+        topology = Topology(replicas=1 if args.replicas is None else args.replicas,
+                            autoscale=parse_autoscale(args.autoscale))
+        settings.model_entries()  # a bad --model is a one-line error here, not a replica that dies at start
+        run(settings, topology, address=args.ray_address or "")
+    except ValueError as e:
+        return _fail(str(e))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.lifecycle import serve
     from app.server import create_app
@@ -56,6 +90,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(host=args.host, port=args.port, models=tuple(args.model or ()) or None,
                                  models_file=args.models, canary=tuple(args.canary or ()) or None,
                                  quantize=args.quantize)
+    if args.ray:
+        return cmd_serve_ray(args, settings)
+    if args.replicas is not None or args.autoscale is not None or args.ray_address is not None:
+        return _fail("--replicas, --autoscale and --ray-address go with --ray")
     try:
         models = load_models(settings)
         app = create_app(settings, models)
@@ -92,8 +130,35 @@ def cmd_caption_folder(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_caption_ray(args: argparse.Namespace, settings: Settings) -> int:
+    if (missing := require_ray()) is not None:
+        return _fail(missing)
+    if not args.out or len(args.images) != 1:
+        return _fail("--ray captions one DIR or PARQUET file into --out FILE (.jsonl or .parquet)")
+    if args.actors < 1 or args.batch_size < 1:
+        return _fail(f"--actors and --batch-size must be at least 1, got {args.actors} and {args.batch_size}")
+    import ray
+
+    from app.caption_dir import CaptionJobError
+    from app.scale.local_ray import start_ray
+    from app.scale.ray_caption import caption_on_ray
+
+    start_ray(args.ray_address or "")
+    try:
+        summary = caption_on_ray(Path(args.images[0]), Path(args.out), settings, actors=args.actors,
+                                 batch_size=args.batch_size, recursive=args.recursive)
+    except CaptionJobError as e:
+        return _fail(str(e))
+    finally:
+        ray.shutdown()
+    print(f"mmserve: {summary}", file=sys.stderr)
+    return 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     settings = Settings.from_env(model=args.model)
+    if args.ray:
+        return cmd_caption_ray(args, settings)
     if args.out:
         return cmd_caption_folder(args, settings)
     model = _load_one(settings)
@@ -245,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "visual_tokens, version, aliases, memory_share, quantize)")
     serve.add_argument("--quantize", default=None, metavar="int8|int4|int4-gN",
                        help="quantize each model's decoder on load (round-to-nearest; an entry's own quantize wins)")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve on Ray Serve: the same app as replicas (pip install 'mmserve[ray]')")
+    serve.add_argument("--replicas", type=int, default=None, help="with --ray: how many replicas (default 1)")
+    serve.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                       help="with --ray: scale between MIN and MAX replicas on requests in flight")
+    serve.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="with --ray: join this Ray cluster (default: start one on this machine)")
     serve.set_defaults(func=cmd_serve)
 
     caption = sub.add_parser("caption", help="caption image files, or a folder into a JSONL file (--out)")
@@ -256,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("-r", "--recursive", action="store_true", help="with --out: include subfolders")
     caption.add_argument("--batch-size", type=int, default=16, help="with --out: images per model call")
     caption.add_argument("--model", default=None, help=model_help)
+    caption.add_argument("--ray", action="store_true",
+                         help="with --out: run on Ray Data (DIR or a PARQUET of path,image; pip install 'mmserve[ray]')")
+    caption.add_argument("--actors", type=int, default=1, help="with --ray: captioning actors (each loads the model)")
+    caption.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="with --ray: join this Ray cluster (default: start one on this machine)")
     caption.set_defaults(func=cmd_caption)
 
     ask = sub.add_parser("ask", help="ask a question about an image")

@@ -139,6 +139,9 @@ class Settings:
     # Workers sharing the store (replicas): a batch is leased to one; a dead one's batch is taken over at expiry.
     batch_lease_s: float = 30.0  # renewed every third of it while the batch runs
     batch_poll_s: float = 2.0  # how often an idle worker looks for batches made or left by other workers
+    # Ray Serve (mmserve serve --ray, app/scale/ray_serve.py).
+    ray_replica_cpus: float = 1.0  # CPUs Ray reserves per replica; more replicas than CPUs/this is refused at start
+    ray_metrics_interval_s: float = 2.0  # how often a replica publishes its metrics for the aggregated /metrics
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
@@ -149,7 +152,7 @@ class Settings:
         for name in ("max_file_bytes", "max_batch_requests", "batch_concurrency", "audit_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("batch_lease_s", "batch_poll_s"):
+        for name in ("batch_lease_s", "batch_poll_s", "ray_replica_cpus", "ray_metrics_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"setting {name} must be > 0, got {getattr(self, name)}")
         for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images_per_request",

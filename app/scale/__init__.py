@@ -1,0 +1,1 @@
+"""Scaling out: Ray Serve replicas of the same app, Ray Data batch captioning, and what they share."""
