@@ -3,6 +3,9 @@ at most `max_waiting` more wait for a slot, first come first served; past both, 
 at once with 429 and `Retry-After` (TGI: "Model is overloaded") instead of a wait nobody can bound.
 A request that got in always runs to its end: nothing here ever cancels one.
 
+Before refusal comes degradation (app/degrade.py): a request that has to wait behind enough others
+is admitted at a degradation level, left in the scope for its handler.
+
 The slot is held for the whole ASGI call, so a streamed answer holds it until its last byte.
 Plain bookkeeping on the event loop's thread (no locks): every caller runs on that one loop.
 """
@@ -12,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from app.degrade import set_request_degrade
 from app.errors import send_error
 from app.request_id import request_id_of
 from app.metrics import Metrics
@@ -37,6 +42,11 @@ class AdmissionControl:
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    @property
+    def ahead(self) -> int:
+        """How many requests a request arriving now would wait behind (0: a slot is free)."""
+        return len(self._waiters) if self._waiters or self.active >= self.max_active else 0
 
     async def acquire(self) -> None:
         """Take a slot, waiting in line if need be; raises Overloaded when the line is full too."""
@@ -70,14 +80,17 @@ class AdmissionMiddleware:
     """Runs requests to `paths` (route templates) inside an admission slot; everything else passes."""
 
     def __init__(self, app: ASGIApp, admission: AdmissionControl, metrics: Metrics, retry_after_s: int,
-                 paths: frozenset[str] = MODEL_PATHS) -> None:
+                 paths: frozenset[str] = MODEL_PATHS, degrade_level: Callable[[int], int] | None = None) -> None:
         self.app, self.admission, self.metrics = app, admission, metrics
         self.retry_after_s, self.paths = retry_after_s, paths
+        self.degrade_level = degrade_level  # requests waiting ahead -> the level it is admitted at
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path_template") not in self.paths:
             await self.app(scope, receive, send)
             return
+        if self.degrade_level is not None:
+            set_request_degrade(scope, self.degrade_level(self.admission.ahead))
         try:
             await self.admission.acquire()
         except Overloaded:

@@ -1,8 +1,9 @@
-"""`mmserve`: serve, caption, ask, train-demo."""
+"""`mmserve`: serve, caption, ask, quantize, train-demo, keys, audit, canary."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,10 +22,12 @@ def _load_one(settings: Settings):
     """The one model `caption` and `ask` use: --model DIR (or the bundled one), as a OneShot."""
     from app.models.families import load_family_model
     from app.models.oneshot import OneShot
+    from llm.hardware import resolve_dtype
     from llm.loading.errors import ModelDirError
 
     try:
-        return OneShot(load_family_model(settings.model, max_context=settings.max_model_len or None))
+        return OneShot(load_family_model(settings.model, max_context=settings.max_model_len or None,
+                                         dtype=resolve_dtype(settings.dtype)))
     except (ModelDirError, ValueError) as e:
         raise SystemExit(_fail(str(e))) from None
 
@@ -51,7 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llm.loading.errors import ModelDirError
 
     settings = Settings.from_env(host=args.host, port=args.port, models=tuple(args.model or ()) or None,
-                                 models_file=args.models)
+                                 models_file=args.models, canary=tuple(args.canary or ()) or None,
+                                 quantize=args.quantize)
     try:
         models = load_models(settings)
         app = create_app(settings, models)
@@ -60,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{settings.host}:{settings.port}"
     registry = app.state.registry
     names = ", ".join(f"{m.name!r} ({m.family}, version {m.version})" for m in registry)
+    names += "".join(f"; canary {name}@{m.version}" for name, m in registry.canaries.items())
     print(f"mmserve: serving {names} at {url}" + (f"; model {registry.routed_alias!r} routes between them"
                                                  if len(registry.models) > 1 and registry.routed_alias else ""),
           flush=True)
@@ -133,6 +138,98 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_store():
+    from app.tenancy.keys import KeyStore
+
+    return KeyStore(Settings.from_env().keys_db_path)
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    from app.tenancy.keys import default_limits, parse_limits, parse_scopes
+
+    try:
+        limits = {}
+        for item in args.limit or ():
+            name, _, value = item.partition("=")
+            limits[name.strip()] = int(value)
+        scopes = parse_scopes(args.scopes)
+        key, info = _key_store().add(args.tenant, scopes, args.model or None,
+                                     parse_limits(limits, default_limits(Settings.from_env())), args.name)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.json:
+        print(json.dumps({"key": key, "id": info.id, "tenant": info.tenant, "scopes": info.scopes}))
+    else:
+        print(f"{key}\nid {info.id}, tenant {info.tenant!r}, scopes {','.join(info.scopes)} "
+              "(the key is shown only now; the store keeps its SHA-256)", flush=True)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    infos = _key_store().list(args.tenant)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(info) for info in infos]))
+        return 0
+    for info in infos:
+        state = f"revoked at {info.revoked_at}" if info.revoked_at else "live"
+        models = ",".join(info.models) if info.models is not None else "*"
+        limits = ",".join(f"{k}={v}" for k, v in info.limits.items() if v) or "default"
+        print(f"{info.id}  tenant={info.tenant}  scopes={','.join(info.scopes)}  models={models}  "
+              f"limits={limits}  {state}  {info.name}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    info = _key_store().revoke(args.key_id)
+    if info is None:
+        return _fail(f"no key with id {args.key_id!r}")
+    print(f"{info.id} revoked (tenant {info.tenant!r}): refused from its next request on, in every worker")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from app.tenancy.audit import verify
+
+    path = Path(args.file)
+    if not path.is_file():
+        return _fail(f"{path}: no such file")
+    result = verify(path, rotated=not args.no_rotated)
+    for note in result.notes:
+        print(f"note: {note}")
+    for problem in result.problems:
+        print(f"FAIL: {problem}")
+    files = ", ".join(p.name for p in result.files)
+    print(f"{'ok' if result.ok else 'TAMPERED'}: {result.records} records in {len(result.files)} file(s) ({files}); "
+          f"last hash {result.last_hash}")
+    return 0 if result.ok else 1
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from app.models.compress import Compression, compress_checkpoint
+    from llm.loading.errors import ModelDirError
+    from llm.quant import QuantScheme
+    from llm.quant.prune import PruneSpec
+    from llm.quant.scheme import DEFAULT_INT4_GROUP_SIZE
+
+    try:  # every argument checked here, before anything loads
+        group = args.group_size if args.group_size is not None or args.weights != "int4" else DEFAULT_INT4_GROUP_SIZE
+        scheme = QuantScheme(args.weights, group, args.method) if args.weights else None
+        if not args.weights and (args.group_size is not None or args.method != "rtn"):
+            raise ValueError("--group-size and --method need --weights int8|int4")
+        compression = Compression(scheme, PruneSpec.parse(args.prune) if args.prune else None)
+        report = compress_checkpoint(args.in_dir, args.out_dir, compression, args.calibration,
+                                     progress=lambda items, **kw: tqdm(items, mininterval=1, leave=False, **kw))
+    except (ModelDirError, ValueError) as e:
+        return _fail(str(e))
+    print(f"mmserve: {args.out_dir}: {report.family} decoder {report.record.label}, weights read per token "
+          f"{report.bytes_before / 2**20:.1f} -> {report.bytes_after / 2**20:.1f} MiB"
+          + (f", calibrated on {report.calibration_sequences} sequences" if report.calibration_sequences else "")
+          + f"; serve it with: mmserve serve --model NAME={args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmserve", description="Multimodal (image + text) inference server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,11 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
     serve.add_argument("--model", action="append", metavar="NAME=DIR",
-                       help="a model to serve, NAME=DIR or DIR (repeat for several; default: $MMSERVE_MODEL or "
+                       help="a model to serve, NAME=DIR, NAME@VERSION=DIR or DIR (repeat for several; the same NAME "
+                            "with two versions: the second is the canary; default: $MMSERVE_MODEL or "
                             f"the bundled demo model, {BUNDLED_MODEL})")
+    serve.add_argument("--canary", action="append", metavar="NAME@VERSION=WEIGHT",
+                       help="the canary's starting share (NAME@VERSION=0.1, or NAME@VERSION=shadow:0.5 for shadow "
+                            "copies); default 0: set it later with `mmserve canary set`")
     serve.add_argument("--models", default=None, metavar="FILE",
                        help="a models.toml: one [[model]] table per model (name, path, family, dtype, "
-                            "visual_tokens, version, aliases, memory_share)")
+                            "visual_tokens, version, aliases, memory_share, quantize)")
+    serve.add_argument("--quantize", default=None, metavar="int8|int4|int4-gN",
+                       help="quantize each model's decoder on load (round-to-nearest; an entry's own quantize wins)")
     serve.set_defaults(func=cmd_serve)
 
     caption = sub.add_parser("caption", help="caption image files, or a folder into a JSONL file (--out)")
@@ -166,6 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help='print {"image", "question", "answer"}')
     ask.add_argument("--model", default=None, help=model_help)
     ask.set_defaults(func=cmd_ask)
+
+    quantize = sub.add_parser("quantize", help="write a quantized and/or pruned copy of a checkpoint directory")
+    quantize.add_argument("in_dir", metavar="IN_DIR", help="a checkpoint directory (demo/CoCa or Hugging Face Mllama)")
+    quantize.add_argument("out_dir", metavar="OUT_DIR", help="where the new checkpoint goes (new or empty)")
+    quantize.add_argument("--weights", default=None, metavar="int8|int4",
+                          help="int8: W8A16, per output channel; int4: W4A16, per group (bf16 activations)")
+    quantize.add_argument("--group-size", type=int, default=None, metavar="32|64|128",
+                          help="int4 inputs per scale and zero (default 64)")
+    quantize.add_argument("--method", default="rtn", metavar="rtn|gptq",
+                          help="round-to-nearest, or GPTQ (needs --calibration)")
+    quantize.add_argument("--prune", default=None, metavar="heads=SHARE,mlp=SHARE",
+                          help="drop that share of each layer's attention heads and MLP channels, least important "
+                               "first (needs --calibration)")
+    quantize.add_argument("--calibration", default=None, metavar="DIR",
+                          help="images (and an optional prompts.txt, one prompt a line) to measure importance "
+                               "and GPTQ statistics on")
+    quantize.set_defaults(func=cmd_quantize)
 
     train = sub.add_parser("train-demo", help="train the bundled demo model (README: the recipe)")
     train.add_argument("--out", default=str(BUNDLED_MODEL))
@@ -187,6 +307,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated parts left as they are: cnn (the tower's conv stages, features "
                             "computed once per image), text (the text tower)")
     train.set_defaults(func=cmd_train_demo)
+    keys = sub.add_parser("keys", help="API keys in the key store (setting keys_db)").add_subparsers(
+        dest="keys_command", required=True)
+    add = keys.add_parser("add", help="make a key (printed once; the store keeps only its hash)")
+    add.add_argument("--tenant", required=True, help="who the key belongs to: files, batches and cache are per tenant")
+    add.add_argument("--scopes", default="chat,embeddings,batches",
+                     help="comma-separated of chat, embeddings, batches, admin (default: chat,embeddings,batches)")
+    add.add_argument("--model", action="append", metavar="NAME", help="a model the key may use (repeat; default: all)")
+    add.add_argument("--limit", action="append", metavar="NAME=N",
+                     help="a quota of its own, e.g. tokens_per_day=100000 (repeat; default: the server's settings)")
+    add.add_argument("--name", default="", help="a note for people")
+    add.add_argument("--json", action="store_true")
+    add.set_defaults(func=cmd_keys_add)
+    listing = keys.add_parser("list", help="every key (never the key itself)")
+    listing.add_argument("--tenant", default=None)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id: refused at once by every worker")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", help="check the hash chain of an audit log (and its rotated files)")
+    verify.add_argument("file", metavar="FILE", help="the audit log (its rotated FILE.000001... are read too)")
+    verify.add_argument("--no-rotated", action="store_true", help="check FILE alone")
+    verify.set_defaults(func=cmd_audit_verify)
+    from app.canary.cli import add_canary_parser
+
+    add_canary_parser(sub)
     return parser
 
 

@@ -112,3 +112,26 @@ EXCEPTION_HANDLERS = {
     HTTPException: _http_error,
     Exception: _internal_error,
 }
+
+
+# What the OpenAPI schema says errors look like: OpenAI's shape, not litestar's default {status_code,
+# detail}. Every route can answer these (auth and admission middleware sit in front of all of them).
+ERROR_STATUSES = {400: "the request is invalid: the error names the parameter",
+                  401: "no API key, or an unknown one", 403: "the key lacks the scope or model",
+                  404: "no such resource", 413: "the body or an image is over its limit",
+                  429: "over a rate limit or quota, or overloaded: see Retry-After",
+                  503: "not ready or draining: see Retry-After"}
+
+
+def document_errors(app) -> None:
+    """Give every route the OpenAPI error responses it really sends (ErrorBody), before the schema is
+    built at startup; a status a route documents itself is kept."""
+    from litestar.openapi import ResponseSpec
+    from litestar.routes import HTTPRoute
+
+    specs = {status: ResponseSpec(ErrorBody, description=why) for status, why in ERROR_STATUSES.items()}
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute):
+            continue
+        for handler in route.route_handlers:
+            handler.responses = {**specs, **(handler.responses or {})}

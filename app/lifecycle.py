@@ -59,14 +59,14 @@ def _tiny_image_url() -> str:
 
 
 async def warm_up(readiness: Readiness, chat, embeddings) -> None:
-    """One token of every served model through the whole chat path (image intake, vision tower,
+    """One token of every served model (each version) through the whole chat path (image intake, vision tower,
     engine) and one text embedding of each model with contrastive towers; readiness turns green only
     if all went through."""
     try:
-        for model in chat.registry:
+        for model in chat.registry.versions():  # each version by NAME@VERSION: canaries too, no split
             parts = [ImagePart(ImageURL(_tiny_image_url()))] if model.capabilities.max_images else "hello"
-            await chat.complete(ChatCompletionRequest(messages=[ChatMessage("user", parts)], model=model.name,
-                                                      max_tokens=1))
+            await chat.complete(ChatCompletionRequest(messages=[ChatMessage("user", parts)],
+                                                      model=f"{model.name}@{model.version}", max_tokens=1))
         await embeddings.warm_up()
     except Exception as e:  # noqa: BLE001 - reported by /ready; the process stays up for /health and logs
         log.exception("warm-up failed")

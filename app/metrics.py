@@ -19,6 +19,14 @@ Engine and chat side, per served model (functions below):
   mmserve_feature_cache_{hits,misses}_total{tier}   `record_feature_cache(model, tier, hit)`
   mmserve_router_decisions_total{route}            `record_route(model, route)`: model = who answered
   mmserve_oom_events_total                         `record_oom(model)`
+
+A model served in two versions (app/canary/) keeps the public name in `model` wherever a request is
+counted, and adds the version where it matters; the engine-bound metrics above, one series per engine,
+name the version in `model` itself (`NAME@VERSION`, ServedModel.label):
+  mmserve_canary_requests_total{model,version,role,outcome}   role stable|canary|shadow, outcome ok|error
+  mmserve_canary_weight{model}                                the canary's share now (0 after a rollback)
+  mmserve_rollbacks_total{model,trigger}                      trigger auto|admin
+  mmserve_degraded_requests_total{step,model}                 step visual_tokens|small_model (app/degrade.py)
 """
 
 from __future__ import annotations
@@ -101,6 +109,12 @@ class Metrics:
         self.router_decisions = Counter("mmserve_router_decisions", "Requests by the route that answered",
                                         ["route", *m], registry=r)
         self.oom_events = Counter("mmserve_oom_events", "Out-of-memory events", m, registry=r)
+        self.canary_requests = Counter("mmserve_canary_requests", "Requests of a model with a canary, by version",
+                                       [*m, "version", "role", "outcome"], registry=r)
+        self.canary_weight = Gauge("mmserve_canary_weight", "The canary version's share of requests", m, registry=r)
+        self.rollbacks = Counter("mmserve_rollbacks", "Canary rollbacks", [*m, "trigger"], registry=r)
+        self.degraded = Counter("mmserve_degraded_requests", "Requests served degraded under overload",
+                                ["step", *m], registry=r)
         self.in_flight_now = 0  # the same count as a plain int: the SIGTERM drain waits for 0
 
     def render(self) -> bytes:

@@ -13,6 +13,9 @@ from typing import Mapping
 
 from app.models.entry import ModelEntry, load_models_file, memory_shares, parse_model_flag
 from llm.engine import EngineConfig
+from llm.hardware import DTYPE_SETTINGS
+from llm.kv_cache import KV_CACHE_DTYPES
+from llm.quant.scheme import QuantScheme
 from vision.fetch import FetchPolicy, parse_allowed_hosts
 from vision.intake import IntakeLimits
 from vision.stage import VisionStageConfig, parse_visual_tokens
@@ -45,8 +48,15 @@ class Settings:
     kv_block_size: int = 16  # tokens per KV-cache block
     max_num_seqs: int = 64  # sequences decoded together in one step
     max_num_batched_tokens: int = 1024  # tokens per step, prefill chunks and decodes together
-    kv_dtype: str = ""  # "" = the model's dtype; "bfloat16" halves the pool
-    dtype: str = "float32"  # the decoder's weights: float32, or bfloat16 (GPUs; CPUs with bf16 matmul units)
+    # Weights and activations of the decoders and vision towers: auto = bfloat16 where the CPU multiplies
+    # bf16 natively (AVX512_BF16 / AMX / Arm BF16) and on CUDA, float32 otherwise (llm/hardware.py).
+    dtype: str = "auto"
+    # Both K/V pools (self-attention and image K/V): auto = the model's dtype; int8 = asymmetric int8 with
+    # a scale and zero point per token and head (llm/kv_cache.py), ~1.9x the tokens of bf16 in the same bytes.
+    kv_cache_dtype: str = "auto"
+    # Quantize-on-load (llm/quant): "int8" (W8A16), "int4" / "int4-g32|64|128" (W4A16), round-to-nearest,
+    # for every model whose entry sets none; the same weights `mmserve quantize` writes. "" = none.
+    quantize: str = ""
     # torch.compile decode steps: ~20% faster single-stream decoding on a CPU, but each new step shape
     # compiles first (~30-60 s on 2 cores, in the engine thread), so it is off unless asked for.
     compile_decode: bool = False
@@ -93,6 +103,42 @@ class Settings:
     max_file_bytes: int = 64 * 1024 * 1024  # one uploaded batch input file (POST /v1/files)
     max_batch_requests: int = 50_000  # lines per batch input file (OpenAI's limit)
     batch_concurrency: int = 4  # batch lines in flight at once; the engine's other slots stay for chat
+    # Canary versions (app/canary/): two versions of one model name, a sticky weighted split or a shadow copy,
+    # and automatic rollback when the canary does worse than the stable version over a sliding window.
+    canary: tuple[str, ...] = ()  # NAME@VERSION=WEIGHT or NAME@VERSION=shadow:WEIGHT (the CLI's --canary)
+    canary_stickiness: str = "conversation"  # "conversation": key + first user message; "key": the key alone
+    canary_auto_rollback: bool = True
+    canary_window_s: float = 120.0  # the sliding window both versions' outcomes are compared over
+    canary_window_max_samples: int = 2000  # per version; the oldest go first
+    canary_min_samples: int = 20  # canary requests in the window before any verdict
+    canary_max_error_rate_delta: float = 0.05  # roll back when canary errors > stable's + this (absolute)
+    canary_max_p95_ratio: float = 1.5  # roll back when canary p95 > stable's p95 x this + the slack
+    canary_p95_slack_s: float = 0.05  # absolute slack on the p95 comparison (tiny latencies are noise)
+    canary_shadow_max_in_flight: int = 4  # shadow copies running at once; past it, a copy is skipped
+    # Degradation under overload (app/degrade.py), before refusal: a request that finds this many model
+    # requests waiting ahead of it is served with fewer visual tokens, then by the small model; 0 = step off.
+    degrade_visual_tokens_waiting: int = 64
+    degrade_visual_tokens: str = "0.25"  # what a degraded request's images get (a count or a ratio)
+    degrade_small_model_waiting: int = 128  # needs router_small_model (the step is skipped without one)
+    # Tenancy (app/tenancy/): the key store, persisted quotas and the audit log. Paths are settings so that
+    # every worker (and every Ray replica) on a host can point at the same files.
+    keys_db: str = ""  # "" = data_dir / "keys.sqlite3"
+    usage_db: str = ""  # "" = data_dir / "usage.sqlite3"
+    # Default quotas of every key (a store key may set its own); 0 = unlimited. quota_tokens_per_day above too.
+    quota_requests_per_minute: int = 0
+    quota_tokens_per_minute: int = 0
+    quota_images_per_minute: int = 0
+    quota_pixels_per_minute: int = 0
+    quota_requests_per_day: int = 0
+    quota_images_per_day: int = 0
+    quota_pixels_per_day: int = 0
+    audit_log: str = ""  # "" = data_dir / "audit" / "audit.jsonl"; "off" = no audit log
+    audit_max_bytes: int = 64 * 1024 * 1024  # rotate past this size (FILE.000001, .000002, ...)
+    audit_content: bool = False  # also record prompt text and image data: URLs (off: digests and counts only)
+    audit_fsync: bool = False  # fsync each record (survives a power cut, not only a killed process; slower)
+    # Workers sharing the store (replicas): a batch is leased to one; a dead one's batch is taken over at expiry.
+    batch_lease_s: float = 30.0  # renewed every third of it while the batch runs
+    batch_poll_s: float = 2.0  # how often an idle worker looks for batches made or left by other workers
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
@@ -100,21 +146,35 @@ class Settings:
         if self.max_model_len < 0:
             raise ValueError(f"setting max_model_len must be >= 0, got {self.max_model_len}")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
-        for name in ("max_file_bytes", "max_batch_requests", "batch_concurrency"):
+        for name in ("max_file_bytes", "max_batch_requests", "batch_concurrency", "audit_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_lease_s", "batch_poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"setting {name} must be > 0, got {getattr(self, name)}")
         for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                      "default_max_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"setting {name} must be positive, got {getattr(self, name)}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"setting dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
-        if self.kv_dtype not in ("", "float32", "bfloat16", "float16"):
-            raise ValueError(f"setting kv_dtype must be one of '', float32, bfloat16, float16; got {self.kv_dtype!r}")
+        if self.dtype not in DTYPE_SETTINGS:
+            raise ValueError(f"setting dtype must be one of {', '.join(DTYPE_SETTINGS)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"setting kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.quantize:
+            try:
+                QuantScheme.parse(self.quantize)
+            except ValueError as e:
+                raise ValueError(f"setting quantize: {e}") from None
         if not 0 < self.port < 65536:
             raise ValueError(f"setting port must be in 1..65535, got {self.port}")
         if self.threads < 0 or self.request_timeout_s <= 0:
             raise ValueError("settings threads must be >= 0 and request_timeout_s > 0")
+        for name in ("quota_requests_per_minute", "quota_tokens_per_minute", "quota_images_per_minute",
+                     "quota_pixels_per_minute", "quota_requests_per_day", "quota_images_per_day",
+                     "quota_pixels_per_day"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"setting {name} must be >= 0, got {getattr(self, name)}")
         for name, least in (("max_concurrent_requests", 1), ("max_queued_requests", 0), ("rate_limit_rpm", 0),
                             ("rate_limit_burst", 1), ("quota_tokens_per_day", 0), ("overload_retry_after_s", 1),
                             ("drain_timeout_s", 0), ("max_embedding_inputs", 1), ("max_classify_labels", 1)):
@@ -132,17 +192,35 @@ class Settings:
                 raise ValueError(f"setting {name} must be >= {least}, got {getattr(self, name)}")
         if self.remote_image_timeout_s <= 0:
             raise ValueError(f"setting remote_image_timeout_s must be > 0, got {self.remote_image_timeout_s}")
+        self._check_canary_and_degradation()
         try:  # the host list, the default visual_tokens and the reduction method, checked at start
             self.vision_stage_config  # noqa: B018
         except ValueError as error:
             raise ValueError(f"vision settings (remote_image_hosts, visual_tokens, visual_token_reduction): "
                              f"{error}") from None
 
+    def _check_canary_and_degradation(self) -> None:
+        object.__setattr__(self, "canary", tuple(self.canary))
+        if self.canary_stickiness not in ("conversation", "key"):
+            raise ValueError(f"setting canary_stickiness must be conversation or key, got {self.canary_stickiness!r}")
+        for name, least in (("canary_window_s", 1e-3), ("canary_window_max_samples", 1), ("canary_min_samples", 1),
+                            ("canary_max_error_rate_delta", 0), ("canary_max_p95_ratio", 1), ("canary_p95_slack_s", 0),
+                            ("canary_shadow_max_in_flight", 1), ("degrade_visual_tokens_waiting", 0),
+                            ("degrade_small_model_waiting", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"setting {name} must be >= {least}, got {getattr(self, name)}")
+        first, then = self.degrade_visual_tokens_waiting, self.degrade_small_model_waiting
+        if first and then and first > then:
+            raise ValueError(f"degradation goes fewer visual tokens first, then the small model: setting "
+                             f"degrade_visual_tokens_waiting ({first}) must be <= degrade_small_model_waiting ({then})")
+        if first and parse_visual_tokens(self.degrade_visual_tokens) is None:
+            raise ValueError("setting degrade_visual_tokens must name fewer tokens (a count or a ratio), got ''")
+
     @property
     def engine_config(self) -> EngineConfig:
         return EngineConfig(block_size=self.kv_block_size, kv_cache_bytes=self.kv_cache_bytes,
                             cross_cache_bytes=self.cross_cache_bytes, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens, kv_dtype=self.kv_dtype or None,
+                            max_num_batched_tokens=self.max_num_batched_tokens, kv_cache_dtype=self.kv_cache_dtype,
                             compile_decode=self.compile_decode)
 
     def model_entries(self) -> list[ModelEntry]:
@@ -159,6 +237,21 @@ class Settings:
     @property
     def batch_db_path(self) -> Path:
         return Path(self.batch_db) if self.batch_db else self.data_dir / "batches.sqlite3"
+
+    @property
+    def keys_db_path(self) -> Path:
+        return Path(self.keys_db) if self.keys_db else self.data_dir / "keys.sqlite3"
+
+    @property
+    def usage_db_path(self) -> Path:
+        return Path(self.usage_db) if self.usage_db else self.data_dir / "usage.sqlite3"
+
+    @property
+    def audit_log_path(self) -> Path | None:
+        """None: the audit log is off (setting audit_log="off")."""
+        if self.audit_log == "off":
+            return None
+        return Path(self.audit_log) if self.audit_log else self.data_dir / "audit" / "audit.jsonl"
 
     @property
     def intake_limits(self) -> IntakeLimits:

@@ -22,7 +22,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-KEY_VERSION = "mmserve-feature-key/1"
+KEY_VERSION = "mmserve-feature-key/2"  # /2: the encoder's dtype joined the key
 _HEX_DIGITS = frozenset(string.hexdigits.lower())
 
 
@@ -67,6 +67,7 @@ class FeatureKey:
     preprocess: dict[str, Any]
     reduction: dict[str, Any] | None = None
     tenant_salt: str | None = field(default=None, repr=False)
+    encoder_dtype: str = "float32"  # what the encoder computes in: bf16 features are not fp32's
     _digest: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +80,8 @@ class FeatureKey:
             raise TypeError(f"preprocess must be a dict, got {type(self.preprocess).__name__}")
         if self.reduction is not None and not isinstance(self.reduction, dict):
             raise TypeError(f"reduction must be a dict or None, got {type(self.reduction).__name__}")
+        if not isinstance(self.encoder_dtype, str) or not self.encoder_dtype:
+            raise ValueError(f"encoder_dtype must be a non-empty string, got {self.encoder_dtype!r}")
         if self.tenant_salt is not None and (not isinstance(self.tenant_salt, str) or not self.tenant_salt):
             raise ValueError("tenant_salt must be a non-empty string or None (None means no tenant)")
         # Private deep copies through JSON: this also rejects what JSON cannot encode exactly.
@@ -96,6 +99,7 @@ class FeatureKey:
             self.preprocess,
             self.reduction,
             self.tenant_salt,
+            self.encoder_dtype,
         ]
         return hashlib.sha256(canonical_json(fields).encode("ascii")).hexdigest()
 

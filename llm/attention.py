@@ -22,6 +22,9 @@ Two groups, because they want different shapes:
 GQA never repeats K/V: the query heads that share a K/V head are folded into the query length
 ([kv_heads, group * T, head_dim]), so one SDPA call serves the whole group.
 
+Either pool may hold int8 K/V (llm/kv_cache.py, `kv_cache_dtype=int8`): what attention reads is
+dequantized (`dense`) into the query's dtype first, the pools' new K/V quantized as they are written.
+
 Attention kernels: torch SDPA (flash / memory-efficient / math, whichever the device has); on CUDA
 with xformers installed, prefill chunks use xformers' memory-efficient attention. xformers raises
 NotImplementedError on CPU, so it is detected, never required.
@@ -34,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from llm.kv_cache import KV, dense, write_kv
 
 
 @functools.cache
@@ -105,9 +110,9 @@ class PrefillSpan:
 class CrossLayerKV:
     """One cross-attention layer's image K/V for the step: the decodes' stacked, each prefill's own."""
 
-    decode_k: torch.Tensor | None  # [B_img, Hkv, N_max, D]: the decode rows that have images
-    decode_v: torch.Tensor | None
-    images: list[tuple[torch.Tensor, torch.Tensor]]  # per distinct image run: k, v [Hkv, N, D]
+    decode_k: KV | None  # [B_img, Hkv, N_max, D]: the decode rows that have images
+    decode_v: KV | None
+    images: list[tuple[KV, KV]]  # per distinct image run: k, v [Hkv, N, D]
     decode_rows: torch.Tensor | None = None  # which decode rows have images (None: all); the others get 0
 
 
@@ -121,8 +126,8 @@ class StepBatch:
     num_decodes: int  # rows 0 .. num_decodes-1 are single-token chunks
     decode_keys: list[DecodeKeys]  # covering rows 0 .. num_decodes-1 in order
     prefills: list[PrefillSpan]
-    k_pool: list[torch.Tensor]  # per self-attention layer [num_slots, Hkv, D]
-    v_pool: list[torch.Tensor]
+    k_pool: list[KV]  # per self-attention layer [num_slots, Hkv, D] (llm/kv_cache.py: a tensor or int8)
+    v_pool: list[KV]
     cross: list[CrossLayerKV]  # per cross-attention layer
     decode_cross_mask: torch.Tensor | None = None  # [B_img, 1, 1, N_max] when rows see different keys
     # Rows whose token sees an image (Mllama: tokens after the <|image|> token). None: every row does.
@@ -136,8 +141,8 @@ class StepBatch:
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, Hq, D], k and v [N, Hkv, D] for this step's tokens -> attention output [N, Hq, D]."""
         k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
-        k_pool.index_copy_(0, self.slot_mapping, k.to(k_pool.dtype))
-        v_pool.index_copy_(0, self.slot_mapping, v.to(v_pool.dtype))
+        write_kv(k_pool, self.slot_mapping, k)
+        write_kv(v_pool, self.slot_mapping, v)
         n_dec = self.num_decodes
         if n_dec:
             parts = [_decode_attention(q[g.rows], k_pool, v_pool, g) for g in self.decode_keys]
@@ -148,8 +153,8 @@ class StepBatch:
         if n_dec:
             out[:n_dec] = decoded
         for span in self.prefills:
-            keys = _gather(k_pool, span.key_slots).to(q.dtype)  # [L, Hkv, D]
-            values = _gather(v_pool, span.key_slots).to(q.dtype)
+            keys = dense(_gather(k_pool, span.key_slots), q.dtype)  # [L, Hkv, D]
+            values = dense(_gather(v_pool, span.key_slots), q.dtype)
             out[span.rows] = _prefill_attention(q[span.rows], keys, values, span.causal_mask)
         return out
 
@@ -160,7 +165,8 @@ class StepBatch:
         n_dec = self.num_decodes
         if n_dec and kv.decode_k is not None:
             rows = q[:n_dec] if kv.decode_rows is None else q[kv.decode_rows]
-            decoded = _grouped_sdpa(rows[:, :, None], kv.decode_k, kv.decode_v, self.decode_cross_mask)[:, :, 0]
+            decoded = _grouped_sdpa(rows[:, :, None], dense(kv.decode_k, q.dtype), dense(kv.decode_v, q.dtype),
+                                    self.decode_cross_mask)[:, :, 0]
             if kv.decode_rows is not None:
                 decoded = torch.zeros_like(q[:n_dec]).index_copy_(0, kv.decode_rows, decoded)
         elif n_dec:
@@ -177,7 +183,7 @@ class StepBatch:
             k, v = kv.images[span.cross_index]
             qs = q[span.rows].transpose(0, 1)[None]  # [1, Hq, T, D]
             mask = None if span.cross_mask is None else span.cross_mask[None, None]
-            out[span.rows] = _grouped_sdpa(qs, k[None], v[None], mask)[0].transpose(0, 1)
+            out[span.rows] = _grouped_sdpa(qs, dense(k, q.dtype)[None], dense(v, q.dtype)[None], mask)[0].transpose(0, 1)
         return out
 
 
@@ -204,18 +210,18 @@ def head_major(project, tokens: torch.Tensor, heads: int, head_dim: int, parts: 
     return outs
 
 
-def _decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: DecodeKeys) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, k_pool: KV, v_pool: KV, group: DecodeKeys) -> torch.Tensor:
     """q [B, Hq, D], one query per row -> [B, Hq, D] over the rows' keys in the pool."""
     if group.span is not None:
         first, length = group.span
         keys, values = k_pool.narrow(0, first, length)[None], v_pool.narrow(0, first, length)[None]
     else:
         keys, values = _gather(k_pool, group.slots), _gather(v_pool, group.slots)
-    keys, values = keys.to(q.dtype).transpose(1, 2), values.to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+    keys, values = dense(keys, q.dtype).transpose(1, 2), dense(values, q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
     return _grouped_sdpa(q[:, :, None], keys, values, group.mask)[:, :, 0]
 
 
-def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def _gather(pool: KV, slots: torch.Tensor) -> KV:
     """pool [S, H, D] at slots [...] -> [..., H, D]. index_select rather than pool[slots]: on CPU,
     advanced indexing of a few hundred rows costs 10-100x more (it forks a parallel region)."""
     return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from llm.attention import KVShape
+from llm.kv_cache import KV, QuantizedKV, bytes_per_token, zeros
 
-CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per cross-attention layer: K, V [kv_heads, N, head_dim]
+CrossKV = list[tuple[KV, KV]]  # per cross-attention layer: K, V [kv_heads, N, head_dim] (a tensor or int8)
 
 
 class TokenRanges:
@@ -93,13 +94,15 @@ class CrossKVPool:
     """
 
     def __init__(self, budget_bytes: int, shape: KVShape, dtype: torch.dtype, device: torch.device) -> None:
+        """`dtype`: a float, or torch.int8 for the quantized format (llm/kv_cache.py)."""
         self.budget_bytes, self.shape, self.dtype, self.device = budget_bytes, shape, dtype, device
-        self.token_bytes = shape.bytes_per_token(dtype)
+        self.token_bytes = bytes_per_token(shape, dtype)
         capacity = budget_bytes // self.token_bytes if self.token_bytes else 0
-        per_layer = capacity * shape.kv_heads * shape.head_dim
-        # zeros, not empty: the pages are faulted in now, at start, not in a request's first step
-        self._k = [torch.zeros(per_layer, dtype=dtype, device=device) for _ in range(shape.layers)]
-        self._v = [torch.zeros(per_layer, dtype=dtype, device=device) for _ in range(shape.layers)]
+        # zeros, not empty: the pages are faulted in now, at start, not in a request's first step;
+        # [tokens * heads, head_dim] per layer, a range of tokens viewed head-major by `_view`
+        per_layer = (capacity * shape.kv_heads, shape.head_dim)
+        self._k = [zeros(per_layer, dtype, device) for _ in range(shape.layers)]
+        self._v = [zeros(per_layer, dtype, device) for _ in range(shape.layers)]
         self._ranges = TokenRanges(capacity)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._refs: dict[str, int] = {}
@@ -140,14 +143,11 @@ class CrossKVPool:
         n = count * num_tokens
         self._evict(lambda: self._ranges.fits(n))
         start = self._ranges.allocate(n)
-        h, d = self.shape.kv_heads, self.shape.head_dim
-        size, stride = (count, h, num_tokens, d), (h * num_tokens * d, num_tokens * d, d, 1)
+        size = (count, self.shape.kv_heads, num_tokens, self.shape.head_dim)
         if start is None:
-            return None, [(torch.empty(size, dtype=self.dtype, device=self.device),
-                           torch.empty(size, dtype=self.dtype, device=self.device)) for _ in range(self.shape.layers)]
-        offset = start * h * d
-        return start, [(k.as_strided(size, stride, offset), v.as_strided(size, stride, offset))
-                       for k, v in zip(self._k, self._v)]
+            return None, [(zeros(size, self.dtype, self.device), zeros(size, self.dtype, self.device))
+                          for _ in range(self.shape.layers)]
+        return start, [(_view(k, start, size), _view(v, start, size)) for k, v in zip(self._k, self._v)]
 
     def put(self, digests: list[str], start: int | None, kv: CrossKV) -> None:
         """The images `reserve` made room for, now filled: one entry per digest, in order."""
@@ -173,3 +173,13 @@ class CrossKVPool:
             self.evictions += 1
             if entry.start is not None:
                 self._ranges.release(entry.start, entry.tokens)
+
+
+def _view(arena: KV, start: int, size: tuple[int, int, int, int]) -> KV:
+    """Token slots start.. of a layer's arena [tokens * heads, head_dim] as `size` images [count,
+    heads, tokens, head_dim], each image head-major and contiguous."""
+    count, h, n, d = size
+    if isinstance(arena, QuantizedKV):
+        return QuantizedKV(_view(arena.data, start, size), _view(arena.scale, start, (count, h, n, 1)),
+                           _view(arena.zero, start, (count, h, n, 1)))
+    return arena.narrow(0, start * h, count * h * n).view(size)

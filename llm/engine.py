@@ -24,6 +24,7 @@ from llm.cross_plan import ImageSpan
 from llm.grammar.compiler import GrammarCompiler
 from llm.grammar.constraint import GrammarConstraint
 from llm.grammar.spec import GrammarError, Vocabulary
+from llm.kv_cache import resolve_kv_dtype
 from llm.model_runner import ModelRunner
 from llm.packed_linear import pack_linears
 from llm.params import SamplingParams
@@ -39,7 +40,7 @@ class EngineConfig:
     cross_cache_bytes: int = 256 << 20  # the image K/V pool, preallocated; kept for reuse
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
-    kv_dtype: str | None = None  # None: the model's dtype; "bfloat16" halves the pool
+    kv_cache_dtype: str = "auto"  # both K/V pools: auto (the model's dtype), float32, bfloat16, int8 (llm/kv_cache.py)
     pack_weights: bool = True  # fp32 on CPU: oneDNN-packed linear weights (llm/packed_linear.py)
     compile_decode: bool = False  # decode-only steps through torch.compile (llm/model_runner.py)
     grammar_cache_entries: int = 256  # compiled grammars kept (llm/grammar/compiler.py)
@@ -50,6 +51,7 @@ class EngineConfig:
                 raise ValueError(f"engine setting {name} must be positive, got {getattr(self, name)}")
         if self.cross_cache_bytes < 0:
             raise ValueError("engine setting cross_cache_bytes must be >= 0")
+        resolve_kv_dtype(self.kv_cache_dtype, torch.float32)  # raises for an unknown name
 
 
 def tensor_digest(tokens: torch.Tensor) -> str:
@@ -160,7 +162,7 @@ class Engine:
         if config.pack_weights:
             pack_linears(model)  # in place: the engine owns the model from here on
         self.stop_ids = frozenset(stop_ids)  # the model's own end-of-turn ids
-        kv_dtype = getattr(torch, config.kv_dtype) if config.kv_dtype else next(model.parameters()).dtype
+        kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, next(model.parameters()).dtype)
         num_blocks = ModelRunner.blocks_for_budget(model, config.kv_cache_bytes, config.block_size, kv_dtype)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, max_model_len=model.context_length, block_size=config.block_size,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from llm.engine import Engine, EngineConfig, ImageInput, Images, image_run, tensor_digest
+from llm.kv_cache import bytes_per_token
 from llm.model_runner import ModelRunner
 from llm.params import SamplingParams
 from llm.scheduler import ScheduledChunk
@@ -46,26 +47,28 @@ def generate_greedy(model: torch.nn.Module, image_embs, prompts: list[list[int]]
     return [list(o.token_ids) for o in engine.generate([(p, i, params) for p, i in zip(prompts, images)])]
 
 
-def image_kv_bytes(model: torch.nn.Module, images: list[Images]) -> int:
-    """What the image K/V of `images` (per request, as `as_images` gives them) take: a throwaway
-    engine's image K/V pool, which is preallocated (and touched) whole, needs no more."""
-    per_token = model.cross_kv_shape.bytes_per_token(next(model.parameters()).dtype)
+def image_kv_bytes(model: torch.nn.Module, images: list[Images], kv_dtype: torch.dtype | None = None) -> int:
+    """What the image K/V of `images` (per request, as `as_images` gives them) take in `kv_dtype` (None:
+    the model's): a throwaway engine's image K/V pool, which is preallocated (and touched) whole, needs no more."""
+    per_token = bytes_per_token(model.cross_kv_shape, kv_dtype or next(model.parameters()).dtype)
     return per_token * sum(int(t.shape[0]) for _, t, _ in map(image_run, images) if t is not None)
 
 
 @torch.inference_mode()
 def teacher_forced_logits(model: torch.nn.Module, image_embs, ids: torch.Tensor,
                           chunk: int | None = None, block_size: int = 4,
-                          attended_tokens: list[int | None] | None = None, forward=None) -> torch.Tensor:
+                          attended_tokens: list[int | None] | None = None, forward=None,
+                          kv_dtype: torch.dtype | None = None) -> torch.Tensor:
     """ids [B, T] under images (`as_images`: [B, N, W] or per-row `Images`) -> logits [B, T, vocab],
     computed `chunk` tokens per step (None: the whole row at once) through the paged KV cache. A small
     block size makes the rows' blocks interleave in the pool, so block tables are really exercised.
-    `forward`: what runs each step's batch in place of `model` (its compiled form)."""
+    `forward`: what runs each step's batch in place of `model` (its compiled form). `kv_dtype`: both
+    pools' (llm/kv_cache.py; torch.int8 the quantized format); None: the model's."""
     b, t = ids.shape
     chunk = chunk or t
     images = as_images(image_embs, attended_tokens)
     blocks_per_row = -(-t // block_size)
-    runner = ModelRunner(model, b * blocks_per_row, block_size, cross_cache_bytes=image_kv_bytes(model, images))
+    runner = ModelRunner(model, b * blocks_per_row, block_size, image_kv_bytes(model, images, kv_dtype), kv_dtype)
     tables = [tuple(range(r, b * blocks_per_row, b)) for r in range(b)]  # row r owns blocks r, r+b, ...
     for r in range(b):
         runner.add_request(f"row{r}", ids[r].tolist(), *image_run(images[r]), SamplingParams(), frozenset())

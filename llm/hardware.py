@@ -18,6 +18,7 @@ import torch
 X86_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 ARM_BF16_FEATURES = frozenset({"bf16"})
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_SETTINGS = ("auto", *DTYPES)  # what a `dtype` setting may say
 
 
 def cpu_flags(cpuinfo: str) -> frozenset[str]:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llm.attention import CrossLayerKV, DecodeKeys, KVShape, PrefillSpan, StepBatch
+from llm.attention import CrossLayerKV, DecodeKeys, PrefillSpan, StepBatch
 from llm.cross_kv_pool import CrossKV, CrossKVPool
 from llm.cross_plan import CrossPlan, ImageSpan, KeyRanges
 from llm.grammar.constraint import GrammarConstraint
+from llm.kv_cache import KV, PagedKVCache, QuantizedKV
 from llm.params import SamplingParams
 from llm.sampling import RequestSampler, sample
 from llm.scheduler import ScheduledChunk, SchedulerOutput
@@ -63,9 +64,14 @@ def length_groups(lens: list[int], max_groups: int = MAX_DECODE_GROUPS, group_co
     return best
 
 
-def _stack_or_view(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
+def _stack_or_view(tensors: list[KV], length: int) -> KV:
     """[t_0 .. t_B-1] (each [Hkv, N, D]) as one [B, Hkv, length, D]: a view when they sit at equal
-    steps in one storage with equal shapes and strides (images projected together), else a padded copy."""
+    steps in one storage with equal shapes and strides (images projected together), else a padded copy.
+    int8 K/V: their data, scales and zero points each so."""
+    if isinstance(tensors[0], QuantizedKV):
+        return QuantizedKV(_stack_or_view([t.data for t in tensors], length),
+                           _stack_or_view([t.scale for t in tensors], length),
+                           _stack_or_view([t.zero for t in tensors], length))
     first = tensors[0]
     start, ptr = first.storage_offset(), first.untyped_storage().data_ptr()
     step = tensors[1].storage_offset() - start if len(tensors) > 1 else first.numel()
@@ -100,6 +106,7 @@ def compiled_for_decode(model: torch.nn.Module) -> torch.nn.Module:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, cross_cache_bytes: int,
                  kv_dtype: torch.dtype | None = None, compile_decode: bool = False) -> None:
+        """`kv_dtype`: both pools' (llm/kv_cache.py; torch.int8 the quantized format); None: the model's."""
         self.model = model.eval()
         # Decode-only steps only: prefill chunks vary more in shape and spend their time in matmuls.
         self.decode_model = compiled_for_decode(model) if compile_decode else model
@@ -107,12 +114,9 @@ class ModelRunner:
         self.device, self.dtype = weight.device, weight.dtype
         self.kv_dtype = kv_dtype or self.dtype
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape: KVShape = model.kv_shape
-        slots = num_blocks * block_size
-        self.k_pool = [torch.zeros(slots, shape.kv_heads, shape.head_dim, dtype=self.kv_dtype, device=self.device)
-                       for _ in range(shape.layers)]
-        self.v_pool = [torch.zeros_like(k) for k in self.k_pool]
-        self.cross_pool = CrossKVPool(cross_cache_bytes, model.cross_kv_shape, self.dtype, self.device)
+        self.kv_cache = PagedKVCache(model.kv_shape, num_blocks * block_size, self.kv_dtype, self.device)
+        self.k_pool, self.v_pool = self.kv_cache.k, self.kv_cache.v
+        self.cross_pool = CrossKVPool(cross_cache_bytes, model.cross_kv_shape, self.kv_dtype, self.device)
         self._requests: dict[str, _RequestState] = {}
         self._stacked: tuple[tuple[tuple[str, int], ...], list, torch.Tensor | None] | None = None
 
@@ -123,11 +127,11 @@ class ModelRunner:
     @staticmethod
     def blocks_for_budget(model: torch.nn.Module, budget_bytes: int, block_size: int,
                           kv_dtype: torch.dtype) -> int:
-        return max(1, budget_bytes // (model.kv_shape.bytes_per_token(kv_dtype) * block_size))
+        return PagedKVCache.blocks_for_budget(model.kv_shape, budget_bytes, block_size, kv_dtype)
 
     @property
     def kv_pool_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() for k in self.k_pool) * 2
+        return self.kv_cache.bytes
 
     # -- request lifetime --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], image_digest: str | None,
@@ -165,6 +169,9 @@ class ModelRunner:
         logits = (self.model if batch.prefills else self.decode_model)(batch)
         if not sampling:
             return {}
+        # sampled in fp32 whatever the model's dtype: bf16 logits tie often (8 bits of mantissa), and
+        # penalties, temperature and top-p then act on values rounded again at every operation
+        logits = logits.float()
         states = [self._requests[c.request_id] for c in sampling]
         generated = [c.end - s.num_prompt_tokens for c, s in zip(sampling, states)]
         tokens = sample(logits, [s.sampler for s in states], generated)
@@ -192,7 +199,10 @@ class ModelRunner:
             by_shape.setdefault(tuple(tokens.shape), []).append(d)
         for (num_tokens, _), digests in by_shape.items():
             start, dest = self.cross_pool.reserve(len(digests), num_tokens)
-            self.model.cross_kv(torch.stack([new[d] for d in digests]).to(self.device), out=dest)
+            tokens = torch.stack([new[d] for d in digests]).to(self.device)
+            if self.dtype.is_floating_point:  # features of a tower that computes in another dtype
+                tokens = tokens.to(self.dtype)
+            self.model.cross_kv(tokens, out=dest)
             self.cross_pool.put(digests, start, dest)
         self.cross_pool.misses += len(new)
         self.cross_pool.hits += len(image_index) - len(new)

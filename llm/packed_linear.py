@@ -212,6 +212,15 @@ def pack_linears(model: nn.Module) -> int:
     return count
 
 
+def unpack_linears(model: nn.Module) -> nn.Module:
+    """In place: every PackedLinear an `nn.Linear` again (before code that edits weights). -> model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, PackedLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m.to_linear())
+    return model
+
+
 def dense_copy(model: nn.Module) -> nn.Module:
     """A deep copy of `model` in which every PackedLinear is an `nn.Linear` again (packed weights are
     opaque tensors: `copy.deepcopy` and `.to(dtype)` cannot handle them)."""

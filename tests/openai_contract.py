@@ -340,3 +340,26 @@ ENDPOINTS = {
     "files.list": Endpoint(FILE_LIST_PARAMS, "openai.types.file_list_params:FileListParams"),
     "batches.list": Endpoint(BATCH_LIST_PARAMS, "openai.types.batch_list_params:BatchListParams"),
 }
+
+RESPONSE_OBJECTS = (CHAT_COMPLETION, CHAT_CHUNK, EMBEDDING_LIST, MODEL_LIST, FILE, FILE_LIST, BATCH, BATCH_LIST,
+                    ERROR_RESPONSE)
+
+
+def markdown() -> str:
+    """The conformance tables as the tests hold them: `python -m tests.openai_contract`."""
+    lines = ["| endpoint | parameter | treatment | answered at | 400 at | why |", "|---|---|---|---|---|---|"]
+    for endpoint, spec in ENDPOINTS.items():
+        for p in spec.table.values():
+            name = p.name if p.openai else f"{p.name} (extension)"
+            lines.append(f"| {endpoint} | {name} | {p.treatment} | {', '.join(map(repr, p.ok))} "
+                         f"| {', '.join(map(repr, p.refused))} | {p.why} |")
+    lines += ["", "| response object | field | required | nullable | deviation |", "|---|---|---|---|---|"]
+    for obj in RESPONSE_OBJECTS:
+        for name, f in obj.fields.items():
+            lines.append(f"| {obj.name} | {name} | {'yes' if f.required else 'no'} | "
+                         f"{'yes' if f.nullable else 'no'} | {f.deviation} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown())

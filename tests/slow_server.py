@@ -23,6 +23,7 @@ import httpx
 from PIL import Image
 
 from app.models.families.coca import CoCaModel
+from llm.hardware import resolve_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,7 +91,9 @@ def main(argv: list[str]) -> None:
 
     port, delay_s = int(argv[0]), float(argv[1])
     settings = Settings.from_env(port=port)
-    model = slowed(CoCaModel.from_dir(settings.model), delay_s, float(argv[2]) if len(argv) > 2 else 0.0)
+    # in the settings' dtype: a model in another would be served as a converted copy, without the delays
+    model = slowed(CoCaModel.from_dir(settings.model, resolve_dtype(settings.dtype)), delay_s,
+                   float(argv[2]) if len(argv) > 2 else 0.0)
     serve(create_app(settings, model), settings)
 
 

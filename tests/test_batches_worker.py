@@ -29,7 +29,7 @@ class ScriptedChat:
         if open_gate:
             self.gate.set()
 
-    async def complete(self, req: ChatCompletionRequest) -> tuple[ChatCompletion, str]:
+    async def complete(self, req: ChatCompletionRequest, observer=None, tenant=None) -> tuple[ChatCompletion, str]:
         text = req.messages[0].content
         self.seen.append(text)
         self.active += 1

@@ -165,7 +165,7 @@ def test_second_turn_reuses_prefix_blocks_and_image_kv(demo_runtime, scenes, ima
 def test_bfloat16_kv_pool_gives_nearly_the_same_answers(demo_runtime, scenes, images):
     requests = mixed_requests(demo_runtime, scenes, images)
     full = engine(demo_runtime).generate(requests)
-    half = engine(demo_runtime, kv_dtype="bfloat16")
+    half = engine(demo_runtime, kv_cache_dtype="bfloat16")
     assert half.runner.k_pool[0].dtype == torch.bfloat16
     same = sum(a.token_ids == b.token_ids for a, b in zip(full, half.generate(requests)))
     assert same >= 14

@@ -14,9 +14,12 @@ import pytest
 from litestar.testing import TestClient
 
 from app.admission import AdmissionControl, Overloaded
-from app.auth import KeyAccess, TokenBucket, load_api_keys
+from app.auth import TokenBucket, load_api_keys
 from app.server import create_app
 from app.settings import Settings
+from app.tenancy.keys import Keys
+from app.tenancy.principal import Limits, Principal
+from app.tenancy.quotas import QuotaStore
 from tests.slow_server import image_url, running_server
 
 KEYS = "key-one,key-two,key-three"
@@ -43,17 +46,18 @@ def test_a_key_is_compared_with_every_configured_key(monkeypatch):
         calls.append(b)
         return real(a, b)
 
-    monkeypatch.setattr("app.auth.hmac.compare_digest", counting)
-    access = KeyAccess(frozenset({"k1", "k2", "k3"}), requests_per_minute=0, burst=1, tokens_per_day=0)
-    assert access.identify("Bearer k1") == "k1"  # a match does not stop the scan
+    monkeypatch.setattr("app.tenancy.keys.hmac.compare_digest", counting)
+    access = Keys(frozenset({"k1", "k2", "k3"}), None, Limits())
+    assert access.identify("Bearer k1").key_id.startswith("env_")  # a match does not stop the scan
     assert len(calls) == 3
     assert access.identify("Bearer k4") is None and access.identify("Basic k1") is None
     assert access.identify(None) is None and access.identify("Bearer ") is None
 
 
 @pytest.fixture(scope="module")
-def guarded(demo_runtime):
-    settings = Settings(api_keys=KEYS, rate_limit_rpm=60, rate_limit_burst=3, quota_tokens_per_day=15)
+def guarded(demo_runtime, tmp_path_factory):
+    settings = Settings(api_keys=KEYS, rate_limit_rpm=60, rate_limit_burst=3, quota_tokens_per_day=15,
+                        data_dir=tmp_path_factory.mktemp("guarded"))
     with TestClient(create_app(settings, demo_runtime)) as c:
         yield c
 
@@ -94,8 +98,8 @@ def test_quota_is_charged_by_embeddings_and_enforced(guarded, demo_runtime):
     assert 0 < int(over.headers["retry-after"]) <= 86_400
 
 
-def test_no_keys_no_guard(demo_runtime):
-    with TestClient(create_app(Settings(), demo_runtime)) as c:
+def test_no_keys_no_guard(demo_runtime, tmp_path):
+    with TestClient(create_app(Settings(data_dir=tmp_path), demo_runtime)) as c:
         assert c.get("/v1/models").status_code == 200
 
 
@@ -109,18 +113,19 @@ def test_token_bucket_refills_at_its_rate():
     assert bucket.take(100.0) == 0 and bucket.take(100.0) == 0 and bucket.take(100.0) > 0  # capped at 2
 
 
-def test_quota_resets_with_the_utc_day():
+def test_quota_resets_with_the_utc_day(tmp_path):
     now = {"t": 3 * 86_400 + 86_000.0}  # 400 s before midnight UTC
-    access = KeyAccess(frozenset({"k"}), requests_per_minute=0, burst=1, tokens_per_day=100,
-                       wall_clock=lambda: now["t"])
-    access.charge("k", 60)
-    assert access.admit("k") is None
-    access.charge("k", 60)
-    refusal = access.admit("k")
+    quotas = QuotaStore(tmp_path / "usage.sqlite3", clock=lambda: now["t"])
+    key = Principal("key_k", "t", limits=Limits(tokens_per_day=100))
+    assert quotas.admit(key) is None
+    quotas.charge(key, tokens=60)
+    assert quotas.admit(key) is None
+    quotas.charge(key, tokens=60)
+    refusal = quotas.admit(key)
     assert refusal.status == 429 and refusal.code == "insufficient_quota" and refusal.retry_after_s == 400
     now["t"] += 400
-    assert access.used_today("k") == 0 and access.admit("k") is None
-    access.charge(None, 10**9)  # keys off: nothing to charge
+    assert quotas.usage("key_k")["day"].tokens == 0 and quotas.admit(key) is None
+    quotas.charge(Principal("", ""), tokens=10**9)  # an open server: nothing to charge
 
 
 def test_admission_queues_in_order_and_refuses_past_both_limits():

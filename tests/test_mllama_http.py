@@ -49,7 +49,10 @@ def reference(ckpt):
 
 @pytest.fixture(scope="module")
 def client(ckpt):
-    with TestClient(create_app(Settings(models=(f"llama={ckpt}",), max_images_per_request=4))) as c:
+    # fp32 pinned: the oracle computes in fp32, and greedy tokens equal token for token only there
+    # (bf16 serving: tests/test_dtype.py)
+    with TestClient(create_app(Settings(models=(f"llama={ckpt}",), max_images_per_request=4,
+                                        dtype="float32"))) as c:
         yield c
 
 

@@ -27,11 +27,13 @@ on a worker thread. Nothing here imports app/: the app builds a `VisionStageConf
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from cache import FeatureCache, FeatureKey, Source, image_digest
 from vision.batcher import MicroBatcher
@@ -99,6 +101,17 @@ class VisionResult:
     features: ImageFeatures  # tokens already reduced
     key: str  # the FeatureKey digest: names these tokens exactly (the engine's cross-attention K/V key)
     source: Source  # "hot" | "disk" | "computed"
+    image_digest: str = ""  # sha256 of the image's bytes: how the audit log names an image
+    pixels: int = 0  # width x height, read from the header (0 when unreadable): quotas count pixels
+
+
+def header_pixels(data: bytes) -> int:
+    """The image's width x height from its header alone (PIL opens lazily: nothing is decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size[0] * image.size[1]
+    except Exception:  # noqa: BLE001 - a count for quotas and the audit, never a reason to refuse
+        return 0
 
 
 class VisionStage:
@@ -125,7 +138,7 @@ class VisionStage:
 
     def key_for(self, data: bytes, spec: ReductionSpec, tenant_salt: str | None = None) -> FeatureKey:
         return FeatureKey(image_digest(data), self.encoder.name, self.encoder.weights_digest, self._preprocess,
-                          spec.to_dict(), tenant_salt)
+                          spec.to_dict(), tenant_salt, encoder_dtype=str(self.encoder.dtype).removeprefix("torch."))
 
     def features(self, source: str | bytes, visual_tokens: VisualTokens = None,
                  tenant_salt: str | None = None) -> VisionResult:
@@ -147,7 +160,7 @@ class VisionStage:
             raise
         attended = tensors.get("attended_tokens")
         features = ImageFeatures(tensors["pooled"], tensors["tokens"], None if attended is None else int(attended))
-        return VisionResult(features, key.digest(), found)
+        return VisionResult(features, key.digest(), found, key.image_digest, header_pixels(data))
 
     def _compute(self, data: bytes, spec: ReductionSpec) -> dict[str, torch.Tensor]:
         image = open_image(data, self.config.intake)

@@ -18,9 +18,13 @@ from app.batches.input_file import InputFileError, parse_input_file
 from app.batches.schemas import (CHAT_ENDPOINT, COMPLETION_WINDOW, Batch, BatchList, CreateBatchRequest, FileList,
                                  FileObject)
 from app.batches.store import BatchStore
+from app.batches.accounting import LineAccounting
 from app.batches.worker import BatchWorker, ChatCompleter
 from app.errors import APIError, bad_request
 from app.settings import Settings
+from app.tenancy.finalize import Finalizer
+from app.tenancy.keys import Keys
+from app.tenancy.quotas import QuotaStore
 
 log = logging.getLogger("mmserve")
 T = TypeVar("T")
@@ -34,8 +38,12 @@ def _not_found(what: str, ident: str, param: str | None = None) -> APIError:
 
 
 class BatchService:
-    def __init__(self, settings: Settings, chat: ChatCompleter) -> None:
+    def __init__(self, settings: Settings, chat: ChatCompleter, keys: Keys | None = None,
+                 quotas: QuotaStore | None = None, finalizer: Finalizer | None = None) -> None:
+        """`keys`, `quotas`, `finalizer`: a batch's lines run as the key that made it, charged and audited
+        (None: lines run unchecked, as the tests of the store and worker alone do)."""
         self.settings, self.chat = settings, chat
+        self.keys, self.quotas, self.finalizer = keys, quotas, finalizer
         self.max_file_bytes = settings.max_file_bytes
         self.store: BatchStore | None = None
         self.worker: BatchWorker | None = None
@@ -55,7 +63,9 @@ class BatchService:
             return
         self.unavailable = None
         self.worker = BatchWorker(self.store, self._off_loop, self.chat, self.settings.batch_concurrency,
-                                  self.settings.max_batch_requests)
+                                  self.settings.max_batch_requests, self.settings.batch_lease_s,
+                                  self.settings.batch_poll_s,
+                                  accounting=LineAccounting(self.keys, self.quotas, self.finalizer))
         self._worker_task = asyncio.create_task(self.worker.run(), name="mmserve-batch-worker")
 
     async def stop(self) -> None:
@@ -78,7 +88,8 @@ class BatchService:
         return self.store
 
     # -- files -------------------------------------------------------------------------------------
-    async def upload(self, filename: str, purpose: str, content: bytes) -> FileObject:
+    # Every call below takes the caller's tenant: another tenant's files and batches are not there (404).
+    async def upload(self, filename: str, purpose: str, content: bytes, tenant: str = "") -> FileObject:
         store = self._store()
         if purpose != "batch":
             raise bad_request(f"purpose must be 'batch' (files here are batch inputs), got {purpose!r}", "purpose")
@@ -89,30 +100,31 @@ class BatchService:
             await asyncio.to_thread(parse_input_file, content, self.settings.max_batch_requests)
         except InputFileError as e:
             raise bad_request(f"invalid batch input file: {e}", "file", "invalid_input_file") from None
-        return await self._off_loop(store.add_file, filename, purpose, content)
+        return await self._off_loop(store.add_file, filename, purpose, content, tenant)
 
-    async def get_file(self, file_id: str) -> FileObject:
-        file = await self._off_loop(self._store().get_file, file_id)
+    async def get_file(self, file_id: str, tenant: str = "") -> FileObject:
+        file = await self._off_loop(self._store().get_file, file_id, tenant)
         if file is None:
             raise _not_found("file", file_id)
         return file
 
-    async def list_files(self, purpose: str | None, limit: int, order: str, after: str | None) -> FileList:
+    async def list_files(self, purpose: str | None, limit: int, order: str, after: str | None,
+                         tenant: str = "") -> FileList:
         if not 1 <= limit <= MAX_FILES_PAGE:
             raise bad_request(f"limit must be in 1..{MAX_FILES_PAGE}, got {limit}", "limit")
         if order not in ("asc", "desc"):
             raise bad_request(f"order must be 'asc' or 'desc', got {order!r}", "order")
-        page, has_more = await self._off_loop(self._store().list_files, purpose, limit, order, after)
+        page, has_more = await self._off_loop(self._store().list_files, purpose, limit, order, after, tenant)
         return FileList(page, page[0].id if page else None, page[-1].id if page else None, has_more)
 
-    async def file_content(self, file_id: str) -> bytes:
-        content = await self._off_loop(self._store().file_content, file_id)
+    async def file_content(self, file_id: str, tenant: str = "") -> bytes:
+        content = await self._off_loop(self._store().file_content, file_id, tenant)
         if content is None:
             raise _not_found("file", file_id)
         return content
 
     # -- batches -----------------------------------------------------------------------------------
-    async def create_batch(self, request: CreateBatchRequest) -> Batch:
+    async def create_batch(self, request: CreateBatchRequest, tenant: str = "", key_id: str = "") -> Batch:
         store = self._store()
         if request.endpoint != CHAT_ENDPOINT:
             raise bad_request(f"endpoint must be {CHAT_ENDPOINT!r}, the one endpoint batches run here; got "
@@ -124,31 +136,31 @@ class BatchService:
             raise bad_request("output_expires_after is not supported: output and error files here never expire",
                        "output_expires_after", "unsupported_parameter")
         _check_metadata(request.metadata)
-        file = await self._off_loop(store.get_file, request.input_file_id)
+        file = await self._off_loop(store.get_file, request.input_file_id, tenant)
         if file is None:
             raise _not_found("file", request.input_file_id, "input_file_id")
         if file.purpose != "batch":
             raise bad_request(f"file {file.id!r} has purpose {file.purpose!r}; a batch reads a file uploaded with "
                        f"purpose 'batch'", "input_file_id")
-        batch = await self._off_loop(store.add_batch, request)
+        batch = await self._off_loop(store.add_batch, request, tenant, key_id)
         self.worker.wake()
         return batch
 
-    async def get_batch(self, batch_id: str) -> Batch:
-        batch = await self._off_loop(self._store().get_batch, batch_id)
+    async def get_batch(self, batch_id: str, tenant: str = "") -> Batch:
+        batch = await self._off_loop(self._store().get_batch, batch_id, tenant)
         if batch is None:
             raise _not_found("batch", batch_id)
         return batch
 
-    async def list_batches(self, limit: int, after: str | None) -> BatchList:
+    async def list_batches(self, limit: int, after: str | None, tenant: str = "") -> BatchList:
         if not 1 <= limit <= 100:
             raise bad_request(f"limit must be in 1..100, got {limit}", "limit")
-        page, has_more = await self._off_loop(self._store().list_batches, limit, after)
+        page, has_more = await self._off_loop(self._store().list_batches, limit, after, tenant)
         return BatchList(object="list", data=page, has_more=has_more, first_id=page[0].id if page else None,
                          last_id=page[-1].id if page else None)
 
-    async def cancel(self, batch_id: str) -> Batch:
-        batch = await self._off_loop(self._store().request_cancel, batch_id)
+    async def cancel(self, batch_id: str, tenant: str = "") -> Batch:
+        batch = await self._off_loop(self._store().request_cancel, batch_id, tenant)
         if batch is None:
             raise _not_found("batch", batch_id)
         if batch.status not in ("cancelling", "cancelled"):

@@ -8,6 +8,14 @@ and output files are built from those rows alone.
 
 WAL with synchronous=NORMAL: a committed transaction survives the process being killed; a power cut
 may roll back the last few, which only sends those lines back to pending.
+
+Several workers (processes, Ray Serve replicas) may share one store: a batch is worked by one of them at
+a time, the holder of its lease (`batch_leases`: owner id and expiry, wall-clock seconds since all the
+workers of a host read the same clock). The owner renews it while it works (`renew_lease`), gives it
+back when it stops (`release_lease`); a worker killed without a word leaves it to expire, and the next
+`claim_batch` after that takes the batch over. Answers are fenced by the lease: `record_line` writes
+only for the current owner, so a worker that stalled past its expiry and lost the batch cannot write
+into it (its line runs again under the new owner, and is answered once).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,28 +33,39 @@ from app.batches.input_file import BatchLine
 from app.batches.schemas import (ACTIVE_STATUSES, Batch, BatchError, BatchErrors, BatchStatus, CreateBatchRequest,
                                  FileObject, LineError, OutputLine, RequestCounts)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added batch_leases; a version-1 file is upgraded in place (the table is new)
+# Files and batches belong to a tenant ("" = the open server's), and a batch runs as the key that made it.
+# A database made before tenants gets these columns added (its rows belong to ""); the columns have
+# defaults, so an older mmserve still reads and writes the database.
+TENANT_COLUMNS = (("files", "tenant"), ("batches", "tenant"), ("batches", "key_id"))
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, purpose TEXT NOT NULL, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL, content BLOB NOT NULL);
+    created_at INTEGER NOT NULL, content BLOB NOT NULL, tenant TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, input_file_id TEXT NOT NULL, endpoint TEXT NOT NULL,
     completion_window TEXT NOT NULL, status TEXT NOT NULL, total INTEGER NOT NULL DEFAULT 0,
     metadata TEXT, errors TEXT, output_file_id TEXT, error_file_id TEXT, created_at INTEGER NOT NULL,
     expires_at INTEGER, in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER,
-    failed_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER);
+    failed_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
+    tenant TEXT NOT NULL DEFAULT '', key_id TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS batch_lines (
     batch_id TEXT NOT NULL, line_no INTEGER NOT NULL, custom_id TEXT NOT NULL, body BLOB NOT NULL,
     status_code INTEGER,  -- NULL while pending
     result BLOB,          -- the output line (JSON), written with status_code in one transaction
     PRIMARY KEY (batch_id, line_no)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS batch_lines_by_status ON batch_lines (batch_id, status_code);
+CREATE TABLE IF NOT EXISTS batch_leases (
+    batch_id TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
 """
 _COUNTS = """(SELECT COUNT(*) FROM batch_lines l WHERE l.batch_id = b.id AND l.status_code = 200) AS completed,
              (SELECT COUNT(*) FROM batch_lines l WHERE l.batch_id = b.id AND l.status_code <> 200) AS failed"""
 _TIMESTAMPED = frozenset({"in_progress", "finalizing", "completed", "failed", "cancelling", "cancelled"})
 SECONDS_IN_WINDOW = 24 * 3600
+
+
+class LeaseLost(Exception):
+    """The worker's lease on a batch expired and another worker took the batch over."""
 
 
 class BatchStore:
@@ -58,10 +77,14 @@ class BatchStore:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise sqlite3.DatabaseError(f"{path}: batch database schema version {version}; "
                                         f"this mmserve reads version {SCHEMA_VERSION}")
         self.conn.executescript(SCHEMA)  # idempotent; executescript runs outside any transaction
+        with self._transaction() as db:
+            for table, column in TENANT_COLUMNS:
+                if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
         self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -80,27 +103,31 @@ class BatchStore:
         self.conn.execute("COMMIT")
 
     # -- files -------------------------------------------------------------------------------------
-    def add_file(self, filename: str, purpose: str, content: bytes) -> FileObject:
+    # Every read takes the caller's tenant: another tenant's id reads as no such id (a 404, never a 403,
+    # which would tell that the id exists).
+    def add_file(self, filename: str, purpose: str, content: bytes, tenant: str = "") -> FileObject:
         file = FileObject(f"file-{uuid.uuid4().hex}", len(content), int(time.time()), filename, purpose)
         with self._transaction() as db:
-            self._insert_file(db, file, content)
+            self._insert_file(db, file, content, tenant)
         return file
 
     @staticmethod
-    def _insert_file(db: sqlite3.Connection, file: FileObject, content: bytes) -> None:
-        db.execute("INSERT INTO files (id, purpose, filename, bytes, created_at, content) VALUES (?, ?, ?, ?, ?, ?)",
-                   (file.id, file.purpose, file.filename, file.bytes, file.created_at, content))
+    def _insert_file(db: sqlite3.Connection, file: FileObject, content: bytes, tenant: str) -> None:
+        db.execute("INSERT INTO files (id, purpose, filename, bytes, created_at, content, tenant) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (file.id, file.purpose, file.filename, file.bytes, file.created_at, content, tenant))
 
-    def get_file(self, file_id: str) -> FileObject | None:
-        row = self.conn.execute("SELECT id, bytes, created_at, filename, purpose FROM files WHERE id = ?",
-                                (file_id,)).fetchone()
+    def get_file(self, file_id: str, tenant: str = "") -> FileObject | None:
+        row = self.conn.execute("SELECT id, bytes, created_at, filename, purpose FROM files WHERE id = ? AND "
+                                "tenant = ?", (file_id, tenant)).fetchone()
         return FileObject(*row) if row else None
 
-    def list_files(self, purpose: str | None, limit: int, order: str, after: str | None) -> tuple[list[FileObject], bool]:
+    def list_files(self, purpose: str | None, limit: int, order: str, after: str | None,
+                   tenant: str = "") -> tuple[list[FileObject], bool]:
         """Oldest or newest first (`order` "asc" or "desc": upload order, which is created_at's); `after`
         is the last id of the previous page. Returns (page, has_more)."""
         compare, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
-        where, args = ["1"], []
+        where, args = ["tenant = ?"], [tenant]
         if purpose is not None:
             where.append("purpose = ?")
             args.append(purpose)
@@ -112,45 +139,92 @@ class BatchStore:
                                  (*args, limit + 1)).fetchall()
         return [FileObject(*row) for row in rows[:limit]], len(rows) > limit
 
-    def file_content(self, file_id: str) -> bytes | None:
-        row = self.conn.execute("SELECT content FROM files WHERE id = ?", (file_id,)).fetchone()
+    def file_content(self, file_id: str, tenant: str = "") -> bytes | None:
+        row = self.conn.execute("SELECT content FROM files WHERE id = ? AND tenant = ?", (file_id, tenant)).fetchone()
         return bytes(row[0]) if row else None
 
     # -- batches -----------------------------------------------------------------------------------
-    def add_batch(self, request: CreateBatchRequest) -> Batch:
+    def add_batch(self, request: CreateBatchRequest, tenant: str = "", key_id: str = "") -> Batch:
+        """`key_id`: the key the batch's lines run as (charged to it, audited under it)."""
         batch_id, now = f"batch_{uuid.uuid4().hex}", int(time.time())
         metadata = msgspec.json.encode(request.metadata).decode() if request.metadata is not None else None
         with self._transaction() as db:
             db.execute("INSERT INTO batches (id, input_file_id, endpoint, completion_window, status, metadata, "
-                       "created_at, expires_at) VALUES (?, ?, ?, ?, 'validating', ?, ?, ?)",
+                       "created_at, expires_at, tenant, key_id) VALUES (?, ?, ?, ?, 'validating', ?, ?, ?, ?, ?)",
                        (batch_id, request.input_file_id, request.endpoint, request.completion_window, metadata,
-                        now, now + SECONDS_IN_WINDOW))
-        batch = self.get_batch(batch_id)
+                        now, now + SECONDS_IN_WINDOW, tenant, key_id))
+        batch = self.get_batch(batch_id, tenant)
         assert batch is not None, "a batch just inserted must be readable"
         return batch
 
-    def get_batch(self, batch_id: str) -> Batch | None:
-        row = self.conn.execute(f"SELECT b.*, {_COUNTS} FROM batches b WHERE b.id = ?", (batch_id,)).fetchone()
+    def get_batch(self, batch_id: str, tenant: str | None = "") -> Batch | None:
+        """`tenant` None: whoever owns it (the worker's view)."""
+        row = self.conn.execute(f"SELECT b.*, {_COUNTS} FROM batches b WHERE b.id = ? AND (? IS NULL OR b.tenant = ?)",
+                                (batch_id, tenant, tenant)).fetchone()
         return _batch(row) if row else None
 
-    def list_batches(self, limit: int, after: str | None = None) -> tuple[list[Batch], bool]:
+    def owner(self, batch_id: str) -> tuple[str, str] | None:
+        """(tenant, key_id) of a batch: whose key its lines run as."""
+        row = self.conn.execute("SELECT tenant, key_id FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def list_batches(self, limit: int, after: str | None = None, tenant: str = "") -> tuple[list[Batch], bool]:
         """Newest first; `after` is the last id of the previous page. Returns (page, has_more)."""
         cursor = "AND b.rowid < (SELECT rowid FROM batches WHERE id = ?)" if after else ""
-        rows = self.conn.execute(f"SELECT b.*, {_COUNTS} FROM batches b WHERE 1 {cursor} ORDER BY b.rowid DESC "
-                                 "LIMIT ?", ((after,) if after else ()) + (limit + 1,)).fetchall()
+        rows = self.conn.execute(f"SELECT b.*, {_COUNTS} FROM batches b WHERE b.tenant = ? {cursor} ORDER BY "
+                                 "b.rowid DESC LIMIT ?", (tenant, *((after,) if after else ()), limit + 1)).fetchall()
         return [_batch(r) for r in rows[:limit]], len(rows) > limit
 
     def next_active_batch(self) -> Batch | None:
-        """The oldest batch the worker still has work in (what a restart resumes first)."""
+        """The oldest batch some worker still has work in."""
         marks = ", ".join("?" * len(ACTIVE_STATUSES))
         row = self.conn.execute(f"SELECT b.*, {_COUNTS} FROM batches b WHERE b.status IN ({marks}) "
                                 "ORDER BY b.rowid LIMIT 1", ACTIVE_STATUSES).fetchone()
         return _batch(row) if row else None
 
-    def request_cancel(self, batch_id: str) -> Batch | None:
+    # -- leases ------------------------------------------------------------------------------------
+    def claim_batch(self, owner: str, lease_s: float,
+                    dead: Callable[[str], bool] = lambda _: False) -> tuple[Batch, str | None] | None:
+        """Lease the oldest active batch nobody holds (no lease, an expired one, one of `owner`'s own, or
+        one whose owner `dead` says is gone: a killed server restarted on the same host need not wait for
+        the expiry) to `owner` for `lease_s` seconds. Returns the batch and the owner it was taken over
+        from (None when it was free), or None when there is no such batch. One transaction: two workers
+        claiming at once get different batches, or one gets None."""
+        marks = ", ".join("?" * len(ACTIVE_STATUSES))
         with self._transaction() as db:
+            now = time.time()
+            rows = db.execute(f"SELECT b.id, l.owner, l.expires_at FROM batches b LEFT JOIN batch_leases l "
+                              f"ON l.batch_id = b.id WHERE b.status IN ({marks}) ORDER BY b.rowid",
+                              ACTIVE_STATUSES).fetchall()
+            free = next((r for r in rows if r[1] is None or r[1] == owner or r[2] < now or dead(r[1])), None)
+            if free is None:
+                return None
+            db.execute("INSERT OR REPLACE INTO batch_leases (batch_id, owner, expires_at) VALUES (?, ?, ?)",
+                       (free[0], owner, now + lease_s))
+        batch = self.get_batch(free[0], None)  # whoever's: the worker runs every tenant's batches
+        assert batch is not None, "a leased batch is never deleted"
+        return batch, (free[1] if free[1] not in (None, owner) else None)
+
+    def renew_lease(self, batch_id: str, owner: str, lease_s: float) -> bool:
+        """Push the expiry on; False when `owner` no longer holds the lease (it was taken over)."""
+        with self._transaction() as db:
+            return db.execute("UPDATE batch_leases SET expires_at = ? WHERE batch_id = ? AND owner = ?",
+                              (time.time() + lease_s, batch_id, owner)).rowcount == 1
+
+    def release_lease(self, batch_id: str, owner: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM batch_leases WHERE batch_id = ? AND owner = ?", (batch_id, owner))
+
+    def lease_owner(self, batch_id: str) -> str | None:
+        row = self.conn.execute("SELECT owner FROM batch_leases WHERE batch_id = ?", (batch_id,)).fetchone()
+        return row[0] if row else None
+
+    def request_cancel(self, batch_id: str, tenant: str = "") -> Batch | None:
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant)).fetchone() is None:
+                return None
             self._move(db, batch_id, ("validating", "in_progress"), "cancelling")
-        return self.get_batch(batch_id)
+        return self.get_batch(batch_id, tenant)
 
     def start_batch(self, batch_id: str, lines: list[BatchLine]) -> bool:
         """validating -> in_progress with its lines stored, in one transaction; False if the batch had
@@ -188,20 +262,33 @@ class BatchStore:
                                  (batch_id, after_line, limit)).fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]
 
-    def record_line(self, batch_id: str, line_no: int, status_code: int, result: bytes) -> BatchStatus:
+    def record_line(self, batch_id: str, line_no: int, status_code: int, result: bytes,
+                    owner: str | None = None) -> BatchStatus:
         """Answer a line (only if it is still pending) and return the batch's status, which tells the
-        worker whether a cancel arrived."""
+        worker whether a cancel arrived. With `owner`, only while that worker holds the batch's lease:
+        LeaseLost otherwise, and nothing is written."""
+        return self.answer_line(batch_id, line_no, status_code, result, owner)[0]
+
+    def answer_line(self, batch_id: str, line_no: int, status_code: int, result: bytes,
+                    owner: str | None = None) -> tuple[BatchStatus, bool]:
+        """`record_line`, and whether this answer is the one stored (False: the line was answered
+        already): only the stored answer is charged and audited."""
         with self._transaction() as db:
-            db.execute("UPDATE batch_lines SET status_code = ?, result = ? WHERE batch_id = ? AND line_no = ? "
-                       "AND status_code IS NULL", (status_code, result, batch_id, line_no))
-            return db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0]
+            if owner is not None and db.execute("SELECT 1 FROM batch_leases WHERE batch_id = ? AND owner = ?",
+                                                (batch_id, owner)).fetchone() is None:
+                raise LeaseLost(f"{owner} no longer holds the lease on {batch_id}")
+            stored = db.execute("UPDATE batch_lines SET status_code = ?, result = ? WHERE batch_id = ? AND "
+                                "line_no = ? AND status_code IS NULL",
+                                (status_code, result, batch_id, line_no)).rowcount == 1
+            return db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0], stored
 
     def finalize(self, batch_id: str, from_status: BatchStatus, to: BatchStatus) -> bool:
         """Write the output file (answered lines with status 200) and the error file (the others; when
         cancelled, the lines never run too), and move the batch to its final status: one transaction,
         so a crash here leaves the batch to be finalized again, never half-written."""
         with self._transaction() as db:
-            if db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()[0] != from_status:
+            status, tenant = db.execute("SELECT status, tenant FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if status != from_status:
                 return False
             output, errors = [], []
             for custom_id, status_code, result in db.execute(
@@ -220,7 +307,7 @@ class BatchStore:
                 content = b"\n".join(lines) + b"\n"
                 file = FileObject(f"file-{uuid.uuid4().hex}", len(content), int(time.time()),
                                   f"{batch_id}_{suffix}.jsonl", "batch_output")
-                self._insert_file(db, file, content)
+                self._insert_file(db, file, content, tenant)
                 file_ids.append(file.id)
             db.execute("UPDATE batches SET output_file_id = ?, error_file_id = ? WHERE id = ?", (*file_ids, batch_id))
             return self._move(db, batch_id, (from_status,), to)

@@ -59,6 +59,12 @@ class Conversation:
         """The last user message's text: what the router reads."""
         return self.messages[-1].text
 
+    def is_one_image_turn(self) -> bool:
+        """One user message (system messages aside) showing one image, with any text: what a caption
+        model that takes task prompts can answer."""
+        turns = [m for m in self.messages if m.role != "system"]
+        return len(turns) == 1 and turns[0].role == "user" and len(self.images) == 1 and turns[0].images == 1
+
     def is_caption_request(self, caption_question: str) -> bool:
         """One user message (system messages aside) showing one image, with no text or the caption
         question: what a caption-only model can answer."""

@@ -8,6 +8,11 @@
                              its own visual tokens of each image (its vision stage and feature cache)
     generate (engine thread) the answering model's engine, streamed back
 
+A model served in two versions (app/canary/): `resolve` picks the version after the route (sticky
+split, or the stable version with a shadow copy to the canary); the request keeps that version to its
+end, and its outcome (error or latency) goes to the canary's window. Under overload the admission
+middleware hands a degradation level (app/degrade.py): fewer visual tokens, then the small model.
+
 The controller stays a thin adapter over this. Leaving a generation early (the deadline passes, the
 client disconnects, the task is cancelled) closes the engine stream, which aborts the request and
 frees its KV blocks."""
@@ -17,12 +22,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import msgspec
 from anyio import to_thread
 
+from app.canary.control import CanaryControl
+from app.canary.shadow import ShadowRunner
+from app.chat.versions import Versions
+from app.chat.capability import capability_problem
 from app.chat.answer import StreamedAnswer, final_message, incomplete
 from app.chat.conversation import Conversation, parse_messages
 from app.chat.params import completion_budget, reject_unsupported, sampling_params
@@ -31,16 +40,17 @@ from app.chat.tools import tool_plan
 from app.chat.schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                               ChatCompletionWithTokens, Choice, ChoiceWithTokens, ChunkChoice, Delta, Usage)
 from app.errors import APIError, ErrorBody, ErrorDetail, bad_request
+from app.chat.degrade import Degrade
 from app.metrics import Metrics
-from app.models.families.base import PromptError
+from app.models.families.base import PromptedMemory, PromptError
 from app.models.registry import ROUTED, ModelRegistry
 from app.models.served import ServedModel
 from app.request_id import current_id
 from app.routing.staged import RouteDecision, StagedRouter
 from app.settings import Settings
+from app.tenancy.record import UsageObserver
 from llm.engine import ImageInput, RequestOutput
 from llm.grammar.spec import GrammarError, GrammarSpec, VocabularyError
-from llm.loading.chat_format import CAPTION_QUESTION
 from llm.params import SamplingParams
 from llm.scheduler import PromptRejected
 from vision.stage import VisualTokensError
@@ -54,6 +64,9 @@ class PreparedChat:
     conversation: Conversation
     target: ServedModel | None  # None: the routed alias, the router picks
     output: OutputPlan = OutputPlan()  # the answer's format: response_format, guided_*, tools
+    pinned: bool = False  # the request named NAME@VERSION: that version, no canary split
+    degrade: int = 0  # the overload level it was admitted at (app/degrade.py)
+    degraded: tuple[str, ...] = ()  # the degradation steps taken so far ("model=small")
 
 
 @dataclass(frozen=True)
@@ -67,37 +80,18 @@ class Routed:
     params: SamplingParams | None = None
     images: tuple[ImageInput, ...] = ()
     output: OutputPlan | None = None
+    role: str = ""  # a model with a canary: "stable" or "canary" (the split's pick)
+    shadow: ServedModel | None = None  # the canary version a copy goes to (shadow mode)
+    degraded: tuple[str, ...] = ()  # the degradation steps taken ("visual_tokens=0.25", "model=small")
+    seen_images: tuple[tuple[str, int], ...] = ()  # (image sha256, pixels) of each image, for quotas and the audit
 
     @property
     def route(self) -> str:
         return self.decision.route if self.decision is not None else f"decoder:{self.model}"
 
-
-def capability_problem(model: ServedModel, conversation: Conversation, max_images: int,
-                       output: OutputPlan = OutputPlan()) -> APIError | None:
-    """Why `model` cannot take the conversation or give the answer's format (a 400 naming the limit), or None."""
-    caps, n = model.capabilities, len(conversation.images)
-    tool_use = (output.tools.param if output.tools is not None else None) or conversation.tool_use
-    if tool_use and not caps.tools:
-        legacy = " (functions is deprecated: use tools)" if tool_use == "functions" else ""
-        return bad_request(f"{tool_use}: model {model.name!r} does not call tools (its family declares no tool-call "
-                           f"format){legacy}", param=tool_use, code="unsupported_parameter")
-    if output.grammar is not None and not caps.structured_output:
-        return bad_request(f"{output.param}: model {model.name!r} cannot constrain its output (its tokenizer declares "
-                           f"no token surface forms)", param=output.param, code="unsupported_parameter")
-    if n > max_images:
-        return bad_request(f"the conversation has {n} images; this server accepts at most {max_images} "
-                        f"(setting max_images_per_request)", param="messages", code="too_many_images")
-    if n > caps.max_images:
-        return bad_request(f"the conversation has {n} images; model {model.name!r} takes at most "
-                        f"{caps.max_images} per conversation", param="messages", code="too_many_images")
-    if n == 0 and not caps.text_only:
-        return bad_request(f"no image in the conversation: model {model.name!r} needs one (add an image_url "
-                        f"content part with a data: URL)", param="messages", code="missing_image")
-    if not caps.questions and not conversation.is_caption_request(CAPTION_QUESTION):
-        return bad_request(f"model {model.name!r} only captions images: send one user message with one image and "
-                        f"no text (or {CAPTION_QUESTION!r})", param="messages", code="unsupported_prompt")
-    return None
+    @property
+    def version(self) -> str:
+        return self.served.version if self.served is not None else ""
 
 
 def grammar_error(e: GrammarError, model: str, param: str | None) -> APIError:
@@ -107,24 +101,31 @@ def grammar_error(e: GrammarError, model: str, param: str | None) -> APIError:
     return bad_request(f"{param}: model {model!r}: {e}", param=param, code=code)
 
 
+def _seen_images(seen: dict) -> tuple[tuple[str, int], ...]:
+    return tuple({r.image_digest: r.pixels for r in seen.values()}.items())
+
+
 def _sse(payload: msgspec.Struct | dict) -> bytes:
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
 
-UsageHook = Callable[[int], None]  # called once with a finished request's total tokens (quota charging)
 
 
 class ChatService:
     def __init__(self, registry: ModelRegistry, router: StagedRouter, settings: Settings,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, canary: CanaryControl | None = None) -> None:
         self.registry, self.router, self.settings, self.metrics = registry, router, settings, metrics
+        self.versions = Versions(canary, settings)
+        self.shadows = ShadowRunner(settings.canary_shadow_max_in_flight, canary)
+        self.degrade = Degrade(settings, registry, metrics)
         zero_shot = router.zero_shot_model if router.zero_shot is not None else None
         self.zero_shot_model = registry.get(zero_shot) if zero_shot else None
 
     # -- validation (on the loop) ------------------------------------------------------------------
-    def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
+    def prepare(self, req: ChatCompletionRequest, degrade: int = 0) -> PreparedChat:
         reject_unsupported(req)
         target = self.registry.resolve(req.model)
+        pinned = self.registry.pinned(req.model) is not None
         tools = tool_plan(req)
         output = output_plan(req, tools)
         conversation = parse_messages(req.messages)
@@ -136,11 +137,11 @@ class ChatService:
                             for m in self.registry]
                 raise bad_request(f"no served model can take this conversation: {'; '.join(problems)}",
                                param="messages", code="no_capable_model")
-            return PreparedChat(req, conversation, None, output)
+            return self.degrade.model(PreparedChat(req, conversation, None, output, degrade=degrade))
         problem = capability_problem(target, conversation, self.settings.max_images_per_request, output)
         if problem is not None:
             raise problem
-        return PreparedChat(req, conversation, target, output)
+        return self.degrade.model(PreparedChat(req, conversation, target, output, pinned, degrade))
 
     def metrics_label(self, name: str | None) -> str:
         """The `model` label of a request that names `name`: a served model's own name, the routed
@@ -156,14 +157,28 @@ class ChatService:
         return [m.name for m in self.registry if capability_problem(m, conversation, limit, output) is None]
 
     # -- the route and the model's inputs (worker thread) ------------------------------------------
-    def _resolve(self, prepared: PreparedChat, tenant: str | None) -> Routed:
-        conversation, target = prepared.conversation, prepared.target
+    def _resolve(self, prepared: PreparedChat, tenant: str | None, started: float) -> Routed:
+        target = prepared.target
         seen: dict = {}  # (model, image, visual_tokens) -> its vision result: the router's lookups serve the decoder
         decision = self._decide(prepared, tenant, seen)
         if decision.finished:
             answering = decision.model or (target.name if target is not None else self.registry.routed_alias)
-            return Routed(answering, decision)
-        served = self.registry.get(decision.model)
+            return Routed(answering, decision, degraded=prepared.degraded, seen_images=_seen_images(seen))
+        served = target if prepared.pinned else self.registry.get(decision.model)
+        pick = None if prepared.pinned else self.versions.pick(prepared, served, tenant)
+        if pick is None:
+            return self._inputs(prepared, decision, served, tenant, seen)
+        try:
+            routed = self._inputs(prepared, decision, pick.served, tenant, seen)
+        except Exception as e:  # the version's own vision stage or template failed
+            self.versions.observe(pick.served, pick.role, started, e)
+            raise
+        return replace(routed, role=pick.role, shadow=pick.shadow)
+
+    def _inputs(self, prepared: PreparedChat, decision: RouteDecision, served: ServedModel, tenant: str | None,
+                seen: dict) -> Routed:
+        """What `served` needs to answer: prompt ids, sampling parameters, its own visual tokens."""
+        conversation = prepared.conversation
         try:
             prompt = served.model.chat_prompt(conversation)
         except PromptError as e:
@@ -171,9 +186,15 @@ class ChatService:
         max_tokens = completion_budget(prepared.req, len(prompt), served.model.context_length,
                                        self.settings.default_max_tokens)
         params = sampling_params(prepared.req, max_tokens, self._grammar(served, prepared.output))
-        images = tuple(self._image(served, source, prepared.req.visual_tokens, tenant, seen)
-                       for source in conversation.images)
-        return Routed(served.name, decision, served, tuple(prompt), params, images, prepared.output)
+        visual_tokens, step = self.degrade.visual_tokens(prepared, served)
+        images = tuple(self._image(served, source, visual_tokens, tenant, seen) for source in conversation.images)
+        if isinstance(served.model, PromptedMemory):
+            try:
+                images = served.model.memory(images, conversation)
+            except PromptError as e:
+                raise bad_request(str(e), param="messages", code="unsupported_prompt") from None
+        return Routed(served.name, decision, served, tuple(prompt), params, images, prepared.output,
+                      seen_images=_seen_images(seen), degraded=prepared.degraded + step)
 
     def _grammar(self, served: ServedModel, output: OutputPlan) -> GrammarSpec | None:
         """The answer's grammar for this model, compiled now (here, off the loop and the engine thread,
@@ -211,31 +232,60 @@ class ChatService:
         except VisualTokensError as e:
             raise bad_request(str(e), param="visual_tokens", code=e.code) from None
         if self.metrics is not None:
-            self.metrics.record_feature_cache(served.name, "hot", result.source == "hot")
+            self.metrics.record_feature_cache(served.label, "hot", result.source == "hot")
             if result.source != "hot":
-                self.metrics.record_feature_cache(served.name, "disk", result.source == "disk")
+                self.metrics.record_feature_cache(served.label, "disk", result.source == "disk")
         return result
 
     def _image(self, served: ServedModel, source: str, visual_tokens, tenant: str | None, seen: dict) -> ImageInput:
         result = self._features(served, source, visual_tokens, tenant, seen)
         return ImageInput(result.key, result.features.tokens, result.features.attended_tokens)
 
-    async def resolve(self, prepared: PreparedChat, tenant: str | None) -> Routed:
-        return await to_thread.run_sync(self._resolve, prepared, tenant)
+    async def resolve(self, prepared: PreparedChat, tenant: str | None, started: float | None = None) -> Routed:
+        started = time.perf_counter() if started is None else started
+        routed = await to_thread.run_sync(self._resolve, prepared, tenant, started)
+        if routed.shadow is not None:
+            self.shadows.start(routed.shadow, self._shadow_copy(prepared, routed, tenant))
+        return routed
+
+    async def _shadow_copy(self, prepared: PreparedChat, primary: Routed, tenant: str | None) -> None:
+        """The canary answers a copy of the request; the answer is counted and dropped."""
+        async with asyncio.timeout(self.settings.request_timeout_s):
+            routed = await to_thread.run_sync(self._inputs, prepared, primary.decision, primary.shadow, tenant, {})
+            async for _ in self._outputs(prepared, routed):
+                pass
 
     # -- generation --------------------------------------------------------------------------------
-    async def _outputs(self, prepared: PreparedChat, routed: Routed) -> AsyncIterator[RequestOutput]:
+    def _observe_route(self, observer: UsageObserver | None, routed: Routed) -> None:
+        if observer is None:
+            return
+        served = routed.served or self.registry.get(routed.model)
+        decision = routed.decision
+        reason = decision.reason if decision is not None else ""
+        if routed.degraded:  # served degraded under overload: the audit says how
+            reason = "; ".join(filter(None, (reason, f"degraded: {', '.join(routed.degraded)}")))
+        observer.routed(routed.model, served.version if served is not None else "", routed.route, reason)
+        for digest, pixels in routed.seen_images:
+            observer.image(digest, pixels)
+
+    async def _outputs(self, prepared: PreparedChat, routed: Routed,
+                       observer: UsageObserver | None = None) -> AsyncIterator[RequestOutput]:
         if routed.served is None:  # the router answered: no decoder
+            if observer is not None:
+                observer.first_token()
             yield self._router_answer(prepared, routed)
             return
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        timer = self.metrics.generation_timer(routed.model) if self.metrics else None
+        timer = self.metrics.generation_timer(routed.served.label) if self.metrics else None
         emitted = 0
         images = list(routed.images) or None
         try:
             async for out in routed.served.engine.generate(request_id, list(routed.prompt), images, routed.params):
-                if timer is not None and out.completion_tokens > emitted:
-                    timer.tokens(out.completion_tokens - emitted)
+                if out.completion_tokens > emitted:
+                    if observer is not None and not emitted:
+                        observer.first_token()
+                    if timer is not None:
+                        timer.tokens(out.completion_tokens - emitted)
                     emitted = out.completion_tokens
                 yield out
         except PromptRejected as e:
@@ -257,30 +307,42 @@ class ChatService:
             completion = len(served.model.tokenizer.encode(answer)) + 1  # and the end token
         return RequestOutput(routed.route, answer, answer, True, "stop", (), prompt_tokens, completion, 0)
 
-    def _error_event(self, e: APIError, model: str) -> bytes:
+    def _error_event(self, e: APIError, model: str, observer: UsageObserver | None = None) -> bytes:
         """An error after the stream started: the status line is long gone, so it travels as an event
-        (and the metrics middleware, which saw a 200, hears of it here)."""
+        (and the metrics middleware and the audit, which saw a 200, hear of it here)."""
         if self.metrics is not None:
             self.metrics.record_failure(e.type, e.code, model)
+        if observer is not None:
+            observer.failed(e.code)
         return _sse(ErrorBody(ErrorDetail(e.message, e.type, e.param, e.code), current_id()))
 
     def _timeout(self) -> APIError:
         return APIError(504, f"the request took longer than {self.settings.request_timeout_s} s",
                         type="timeout_error", code="timeout")
 
-    async def complete(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
-                       tenant: str | None = None) -> tuple[ChatCompletion, Routed]:
-        prepared = self.prepare(req)
+    async def complete(self, req: ChatCompletionRequest, observer: UsageObserver | None = None,
+                       tenant: str | None = None, degrade: int = 0) -> tuple[ChatCompletion, Routed]:
+        """`observer` hears the route, the images, the first token and the token counts (quotas, audit);
+        `degrade`: the overload level the request was admitted at (app/degrade.py)."""
+        prepared = self.prepare(req, degrade)
+        started, routed = time.perf_counter(), None
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                routed = await self.resolve(prepared, tenant)
+                routed = await self.resolve(prepared, tenant, started)
+                self._observe_route(observer, routed)
                 final = None
-                async for out in self._outputs(prepared, routed):
+                async for out in self._outputs(prepared, routed, observer):
                     final = out
         except TimeoutError:
-            raise self._timeout() from None
-        if on_usage is not None:
-            on_usage(final.prompt_tokens + final.completion_tokens)
+            error = self._timeout()
+            self.versions.observe(routed and routed.served, routed and routed.role, started, error)
+            raise error from None
+        except BaseException as e:
+            self.versions.observe(routed and routed.served, routed and routed.role, started, e)
+            raise
+        self.versions.observe(routed.served, routed.role, started)
+        if observer is not None:
+            observer.finished(final.prompt_tokens, final.completion_tokens, final.finish_reason)
         common = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=routed.model,
                       usage=Usage(final.prompt_tokens, final.completion_tokens,
                                   final.prompt_tokens + final.completion_tokens))
@@ -295,22 +357,24 @@ class ChatService:
     def _tool_format(routed: Routed):
         return routed.served.model.tool_format if routed.served is not None else None
 
-    async def start_stream(self, req: ChatCompletionRequest, on_usage: UsageHook | None = None,
-                           tenant: str | None = None) -> tuple[AsyncIterator[bytes], Routed]:
+    async def start_stream(self, req: ChatCompletionRequest, observer: UsageObserver | None = None,
+                           tenant: str | None = None, degrade: int = 0) -> tuple[AsyncIterator[bytes], Routed]:
         """Validate, get the images' features and route now (errors become a 4xx before the first
         byte); -> (the server-sent events in OpenAI's chunk format ending with `data: [DONE]`, the route)."""
-        prepared = self.prepare(req)
+        prepared = self.prepare(req, degrade)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        started = time.perf_counter()
         try:
             async with asyncio.timeout_at(deadline):
-                routed = await self.resolve(prepared, tenant)
+                routed = await self.resolve(prepared, tenant, started)
         except TimeoutError:
             raise self._timeout() from None
-        return self._events(prepared, routed, include_usage, deadline, on_usage), routed
+        self._observe_route(observer, routed)
+        return self._events(prepared, routed, include_usage, deadline, observer, started), routed
 
     async def _events(self, prepared: PreparedChat, routed: Routed, include_usage: bool,
-                      deadline: float, on_usage: UsageHook | None) -> AsyncIterator[bytes]:
+                      deadline: float, observer: UsageObserver | None, started: float) -> AsyncIterator[bytes]:
         chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), routed.model
 
         def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, choices=True,
@@ -325,18 +389,26 @@ class ChatService:
         answer = StreamedAnswer(routed.output, self._tool_format(routed))
         try:
             async with asyncio.timeout_at(deadline):
-                async for out in self._outputs(prepared, routed):
+                async for out in self._outputs(prepared, routed, observer):
                     final = out
                     for delta in answer.deltas(out):
                         yield chunk(delta)
                     if out.finished:
                         yield chunk(Delta(), answer.finish_reason(out), cut=incomplete(routed.output, out))
         except TimeoutError:
-            yield self._error_event(self._timeout(), model)
+            self.versions.observe(routed.served, routed.role, started, self._timeout())
+            yield self._error_event(self._timeout(), model, observer)
         except APIError as e:
-            yield self._error_event(e, model)
-        if on_usage is not None and final is not None:
-            on_usage(final.prompt_tokens + final.completion_tokens)
+            self.versions.observe(routed.served, routed.role, started, e)
+            yield self._error_event(e, model, observer)
+        except Exception as e:  # the engine failed: the status line is gone, the stream just ends
+            self.versions.observe(routed.served, routed.role, started, e)
+            raise
+        else:
+            self.versions.observe(routed.served, routed.role, started)
+        finally:  # also when the client goes away mid-stream: the tokens spent so far are counted
+            if observer is not None and final is not None:
+                observer.finished(final.prompt_tokens, final.completion_tokens, final.finish_reason)
         if include_usage and final is not None:
             yield chunk(Delta(), usage=Usage(final.prompt_tokens, final.completion_tokens,
                                              final.prompt_tokens + final.completion_tokens), choices=False)

@@ -31,6 +31,7 @@ from app.models.contrastive import ZeroShot, image_latent
 from app.models.registry import ROUTED, ModelRegistry
 from app.models.served import ServedModel
 from app.settings import Settings
+from app.tenancy.record import UsageObserver
 from vision.intake import ImageError
 
 T = TypeVar("T")
@@ -114,9 +115,13 @@ class EmbeddingService:
         return items
 
     # -- the towers (worker thread) ----------------------------------------------------------------
-    def _image_features(self, model: ServedModel, source: str, where: str, param: str, tenant: str | None):
+    def _image_features(self, model: ServedModel, source: str, where: str, param: str, tenant: str | None,
+                        observer: UsageObserver | None = None):
         try:
-            return model.vision.features(source, None, tenant).features
+            result = model.vision.features(source, None, tenant)
+            if observer is not None:
+                observer.image(result.image_digest, result.pixels)
+            return result.features
         except ImageError as e:
             raise APIError(413 if e.code == "image_too_large" else 400, f"{where}: {e}", param=param,
                            code=e.code) from None
@@ -126,7 +131,7 @@ class EmbeddingService:
             return model.model.contrastive.text_latent(ids)
 
     def _embed_all(self, model: ServedModel, items: list[TextTokens | ImageSource], tenant: str | None,
-                   cancelled: threading.Event) -> list[torch.Tensor]:
+                   cancelled: threading.Event, observer: UsageObserver | None = None) -> list[torch.Tensor]:
         vectors = []
         for item in items:
             if cancelled.is_set():
@@ -134,12 +139,13 @@ class EmbeddingService:
             if isinstance(item, TextTokens):
                 vectors.append(self._text_latent(model, item.ids))
             else:
-                vectors.append(image_latent(self._image_features(model, item.source, item.param, "input", tenant)))
+                vectors.append(image_latent(self._image_features(model, item.source, item.param, "input", tenant,
+                                                                 observer)))
         return vectors
 
     def _classify(self, model: ServedModel, source: str, labels: list[str] | None, tenant: str | None,
-                  cancelled: threading.Event) -> list[tuple[str, float]]:
-        features = self._image_features(model, source, "image", "image", tenant)
+                  cancelled: threading.Event, observer: UsageObserver | None = None) -> list[tuple[str, float]]:
+        features = self._image_features(model, source, "image", "image", tenant, observer)
         if cancelled.is_set():
             raise _Abandoned
         with self._forward:
@@ -163,12 +169,17 @@ class EmbeddingService:
             cancelled.set()
 
     # -- the API -----------------------------------------------------------------------------------
-    async def embed(self, req: EmbeddingRequest, model: ServedModel, tenant: str | None = None) -> EmbeddingList:
-        """`model`: `model_for(req.model, "embeddings")`."""
+    async def embed(self, req: EmbeddingRequest, model: ServedModel, tenant: str | None = None,
+                    observer: UsageObserver | None = None) -> EmbeddingList:
+        """`model`: `model_for(req.model, "embeddings")`; `observer` hears the images and tokens."""
         items = self.parse_inputs(model, req)
-        vectors = await self._off_loop(lambda cancelled: self._embed_all(model, items, tenant, cancelled))
+        if observer is not None:
+            observer.routed(model.name, model.version)
+        vectors = await self._off_loop(lambda cancelled: self._embed_all(model, items, tenant, cancelled, observer))
         data = [Embedding(i, self._encode(v, req.encoding_format)) for i, v in enumerate(vectors)]
         tokens = sum(len(item.ids) for item in items if isinstance(item, TextTokens))
+        if observer is not None:
+            observer.finished(tokens, 0, None)
         return EmbeddingList(data, model.name, EmbeddingUsage(tokens, tokens))
 
     @staticmethod
@@ -194,10 +205,15 @@ class EmbeddingService:
             self._text(model, prompt.format(label=label) if label.strip() else "", f"labels[{i}]", "labels")
         return labels
 
-    async def classify(self, req: ClassifyRequest, model: ServedModel, tenant: str | None = None) -> Classification:
-        """`model`: `model_for(req.model, "zero_shot")`."""
+    async def classify(self, req: ClassifyRequest, model: ServedModel, tenant: str | None = None,
+                       observer: UsageObserver | None = None) -> Classification:
+        """`model`: `model_for(req.model, "zero_shot")`; `observer` hears the image (no tokens are counted:
+        the labels' latents are the model's, or computed per request without a prompt)."""
         labels = self.labels_for(model, req)
-        ranked = await self._off_loop(lambda cancelled: self._classify(model, req.image, labels, tenant, cancelled))
+        if observer is not None:
+            observer.routed(model.name, model.version)
+        ranked = await self._off_loop(lambda cancelled: self._classify(model, req.image, labels, tenant, cancelled,
+                                                                       observer))
         return Classification(model.name, [LabelScore(label, score) for label, score in ranked])
 
     async def warm_up(self) -> None:

@@ -16,6 +16,7 @@ from app.batches.schemas import FileList, FileObject
 from app.batches.service import MAX_FILES_PAGE, BatchService
 from app.errors import APIError
 from app.settings import Settings
+from app.tenancy.principal import principal_of
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the `purpose` field around the file
 UPLOAD_FIELDS = frozenset({"file", "purpose"})
@@ -32,6 +33,7 @@ class FileUpload:
 class FilesController(Controller):
     path = "/v1/files"
     tags = ["files"]
+    opt = {"scope": "batches"}
 
     @post(status_code=200, summary="Upload a batch input file (JSONL of chat requests; purpose 'batch')")
     async def upload(self, data: Annotated[FileUpload, Body(media_type=RequestEncodingType.MULTI_PART)],
@@ -46,25 +48,29 @@ class FilesController(Controller):
         # One byte over the cap is enough to know the file is too large; the rest is never read.
         content = await data.file.read(batches.max_file_bytes + 1)
         await data.file.close()
-        return await batches.upload(data.file.filename or "upload.jsonl", data.purpose, content)
+        return await batches.upload(data.file.filename or "upload.jsonl", data.purpose, content,
+                                    principal_of(request).tenant)
 
     @get(summary="Files, newest first (order=asc: oldest first), optionally of one purpose")
-    async def list_files(self, batches: NamedDependency[BatchService],
+    async def list_files(self, batches: NamedDependency[BatchService], request: Request,
                          purpose: str | None = Parameter(default=None, description="only files of this purpose"),
                          limit: int = Parameter(default=MAX_FILES_PAGE, description=f"1 to {MAX_FILES_PAGE}"),
                          order: str = Parameter(default="desc", description="'asc' or 'desc', by created_at"),
                          after: str | None = Parameter(default=None, description="the last id of the previous page"),
                          ) -> FileList:
-        return await batches.list_files(purpose, limit, order, after)
+        return await batches.list_files(purpose, limit, order, after, principal_of(request).tenant)
 
     @get("/{file_id:str}", summary="A file's metadata")
-    async def retrieve(self, file_id: FromPath[str], batches: NamedDependency[BatchService]) -> FileObject:
-        return await batches.get_file(file_id)
+    async def retrieve(self, file_id: FromPath[str], batches: NamedDependency[BatchService],
+                       request: Request) -> FileObject:
+        return await batches.get_file(file_id, principal_of(request).tenant)
 
     @get("/{file_id:str}/content", summary="A file's content (batch input, output or error JSONL)",
          media_type="application/jsonl")
-    async def content(self, file_id: FromPath[str], batches: NamedDependency[BatchService]) -> Response[bytes]:
-        return Response(await batches.file_content(file_id), media_type="application/jsonl")
+    async def content(self, file_id: FromPath[str], batches: NamedDependency[BatchService],
+                      request: Request) -> Response[bytes]:
+        return Response(await batches.file_content(file_id, principal_of(request).tenant),
+                        media_type="application/jsonl")
 
 
 def files_router(settings: Settings) -> Router:

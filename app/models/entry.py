@@ -12,6 +12,12 @@ models.toml:
     version = "2026-12-01"        # optional: a label; default: the weights' digest, 12 hex digits
     aliases = ["small"]           # optional: other names requests may use
     memory_share = 0.5            # optional: share of the KV, image K/V and feature-cache budgets
+    quantize = "int8"             # optional: the decoder quantized on load (int8, int4, int4-g32/64/128);
+                                  # default: the server's `quantize` setting ("" = as the checkpoint is)
+
+Two tables with the same name and different versions serve two versions of one model: the first is
+the stable version, the second its canary (app/canary/; `[canary.NAME]` tables there set the split).
+On the command line: `--model demo@v1=DIR --model demo@v2=DIR2`.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm.quant.scheme import QuantScheme
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")  # what a model name (or alias) may be
+VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a version label (requests may name NAME@VERSION)
 DTYPES = ("", "auto", "float32", "bfloat16", "float16")
-ENTRY_KEYS = ("name", "path", "family", "dtype", "visual_tokens", "version", "aliases", "memory_share")
+ENTRY_KEYS = ("name", "path", "family", "dtype", "visual_tokens", "version", "aliases", "memory_share", "quantize")
 
 
 class ModelEntryError(ValueError):
@@ -40,6 +49,7 @@ class ModelEntry:
     version: str = ""  # "" = the first 12 hex digits of the weights' sha256
     aliases: tuple[str, ...] = ()
     memory_share: float = 0.0  # 0 = an equal part of what the entries with a share leave
+    quantize: str = ""  # "" = the server's quantize setting; else QuantScheme.parse's form ("int8", "int4-g32")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -49,21 +59,30 @@ class ModelEntry:
             if not NAME.match(name):
                 raise ModelEntryError(f"{where}: {name!r} is not a valid model name (letters, digits and ._:/- "
                                       f"up to 128 characters, starting with a letter or digit)")
+        if self.version and not VERSION.match(self.version):
+            raise ModelEntryError(f"{where}: version {self.version!r} is not a valid label (letters, digits and ._- "
+                                  f"up to 64 characters, starting with a letter or digit)")
         if self.dtype not in DTYPES:
             raise ModelEntryError(f"{where}: dtype must be one of {', '.join(d for d in DTYPES if d)}; "
                                   f"got {self.dtype!r}")
+        if self.quantize:
+            try:
+                QuantScheme.parse(self.quantize)
+            except ValueError as e:
+                raise ModelEntryError(f"{where}: {e}") from None
         if not 0 <= self.memory_share <= 1:
             raise ModelEntryError(f"{where}: memory_share must be in [0, 1], got {self.memory_share}")
 
 
 def parse_model_flag(value: str) -> ModelEntry:
-    """`NAME=DIR`, or `DIR` alone (the checkpoint names itself)."""
+    """`NAME=DIR`, `NAME@VERSION=DIR` (one version of NAME), or `DIR` alone (the checkpoint names itself)."""
     name, sep, path = value.partition("=")
     if not sep:
         return ModelEntry("", Path(value))
-    if not name or not path:
-        raise ModelEntryError(f"--model {value!r}: expected NAME=DIR or DIR")
-    return ModelEntry(name, Path(path))
+    name, at, version = name.partition("@")
+    if not name or not path or (at and not version):
+        raise ModelEntryError(f"--model {value!r}: expected NAME=DIR, NAME@VERSION=DIR or DIR")
+    return ModelEntry(name, Path(path), version=version)
 
 
 def load_models_file(path: str | Path) -> list[ModelEntry]:

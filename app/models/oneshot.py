@@ -7,7 +7,7 @@ from __future__ import annotations
 from PIL import Image
 
 from app.chat.conversation import Conversation, ImageRef, Message
-from app.models.families.base import FamilyModel
+from app.models.families.base import FamilyModel, PromptedMemory
 from llm.engine import ImageInput, tensor_digest
 from llm.generate import generate_greedy
 from llm.params import SamplingParams
@@ -32,6 +32,8 @@ class OneShot:
         prompt = self.model.chat_prompt(conversation)
         inputs = [ImageInput(tensor_digest(f.tokens), f.tokens, f.attended_tokens)
                   for f in self.model.encoder.encode(images)]
+        if isinstance(self.model, PromptedMemory):  # what it cross-attends to depends on the prompt too
+            inputs = [self.model.memory((i,), conversation)[0] for i in inputs]
         params = SamplingParams(max_tokens=self.max_new_tokens, stop_token_ids=self.model.stop_ids)
         outputs = generate_greedy(self.model.decoder, inputs, [prompt] * len(images), params)
         return [self.model.tokenizer.decode(ids) for ids in outputs]

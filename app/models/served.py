@@ -24,7 +24,7 @@ from app.models.schemas import ModelCard, model_card
 from app.settings import Settings
 from llm.async_engine import AsyncEngine
 from llm.engine import Engine
-from llm.packed_linear import dense_copy
+from llm.hardware import resolve_dtype
 from vision.stage import VisionStage, parse_visual_tokens
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -32,12 +32,14 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 class ServedModel:
     def __init__(self, entry: ModelEntry, model: FamilyModel, settings: Settings, share: float = 1.0) -> None:
-        self.entry, self.model, self.settings, self.share = entry, model, settings, share
+        self.entry, self.settings, self.share = entry, settings, share
+        self.dtype = resolve_dtype(entry.dtype or settings.dtype)  # auto: what this machine computes fastest in
+        self.model = model.with_dtype(self.dtype)  # decoder and vision tower; a copy when loaded in another
         self.name = entry.name or model.name
         self.aliases = entry.aliases
         self.version = entry.version or model.weights_digest[:12]
+        self.label = self.name  # metrics and disk cache; the registry makes it NAME@VERSION for two versions
         self.capabilities = model.capabilities
-        self.dtype = entry.dtype or settings.dtype
         self.created = int(time.time())
         self.engine: AsyncEngine | None = None
         self.vision: VisionStage | None = None
@@ -51,13 +53,13 @@ class ServedModel:
         config = self.settings.engine_config
         config = replace(config, kv_cache_bytes=max(1, int(config.kv_cache_bytes * self.share)),
                          cross_cache_bytes=int(config.cross_cache_bytes * self.share))
-        name = self.name
+        name = self.label
 
         def on_error(error: Exception) -> None:
             if metrics is not None and isinstance(error, (MemoryError, torch.OutOfMemoryError)):
                 metrics.record_oom(name)
 
-        engine = Engine(self._decoder(), self.model.tokenizer, self.model.stop_ids, config, self.model.vocabulary)
+        engine = Engine(self.model.decoder, self.model.tokenizer, self.model.stop_ids, config, self.model.vocabulary)
         on_step = (lambda _, outputs: metrics.observe_engine_step(name, outputs)) if metrics is not None else None
         self.engine = AsyncEngine(engine, on_step=on_step, on_error=on_error)
         if metrics is not None:
@@ -72,19 +74,11 @@ class ServedModel:
         if self.vision is not None:
             self.vision.close()
 
-    def _decoder(self) -> torch.nn.Module:
-        """The decoder in this entry's dtype: the loaded one, or a copy in another dtype (the loaded
-        one may already be packed for oneDNN, which only a dense copy can convert)."""
-        decoder = self.model.decoder
-        if self.dtype in ("", "auto", "float32"):
-            return decoder
-        return dense_copy(decoder).to(getattr(torch, self.dtype))
-
     def _vision_config(self):
         base = self.settings.vision_stage_config
         visual_tokens = (parse_visual_tokens(self.entry.visual_tokens) if self.entry.visual_tokens is not None
                          else base.default_visual_tokens)
-        disk = str(Path(base.disk_dir) / _UNSAFE.sub("_", self.name)) if base.disk_dir else None
+        disk = str(Path(base.disk_dir) / _UNSAFE.sub("_", self.label)) if base.disk_dir else None
         return replace(base, hot_bytes=int(base.hot_bytes * self.share), disk_dir=disk,
                        disk_bytes=max(1, int(base.disk_bytes * self.share)), default_visual_tokens=visual_tokens)
 

@@ -35,6 +35,23 @@ class CoCaDecoderConfig:
     context_length: int
     mlp_ratio: float = 4.0
     quick_gelu: bool = False
+    # Structured pruning (llm/quant/prune.py) keeps fewer heads and MLP channels than open_clip's
+    # config implies: 0 = the config's own (width // heads per head, width * mlp_ratio channels).
+    head_width: int = 0
+    mlp_width: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_width or self.width // self.heads
+
+    @property
+    def attention_width(self) -> int:
+        """The width attention works in: heads x head_dim (the model width unless heads were pruned)."""
+        return self.heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp_width or int(self.width * self.mlp_ratio)
 
     @classmethod
     def from_coca_kwargs(cls, coca: dict) -> "CoCaDecoderConfig":
@@ -55,7 +72,7 @@ class QuickGELU(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: CoCaDecoderConfig) -> None:
         super().__init__()
-        hidden = int(cfg.width * cfg.mlp_ratio)
+        hidden = cfg.mlp_hidden
         self.c_fc = nn.Linear(cfg.width, hidden)
         self.act = QuickGELU() if cfg.quick_gelu else nn.GELU()
         self.c_proj = nn.Linear(hidden, cfg.width)
@@ -69,17 +86,17 @@ class SelfAttentionBlock(nn.Module):
 
     def __init__(self, cfg: CoCaDecoderConfig, layer: int) -> None:
         super().__init__()
-        self.heads, self.layer = cfg.heads, layer
+        self.heads, self.head_dim, self.layer = cfg.heads, cfg.head_dim, layer
         self.ln_1 = nn.LayerNorm(cfg.width)
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
-        self.out = nn.Linear(cfg.width, cfg.width)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.attention_width)
+        self.out = nn.Linear(cfg.attention_width, cfg.width)
         self.ln_2 = nn.LayerNorm(cfg.width)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        n, w = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).view(n, 3, self.heads, w // self.heads).unbind(1)
-        x = x + self.out(batch.self_attention(self.layer, q, k, v).reshape(n, w))
+        n = x.shape[0]
+        q, k, v = self.qkv(self.ln_1(x)).view(n, 3, self.heads, self.head_dim).unbind(1)
+        x = x + self.out(batch.self_attention(self.layer, q, k, v).reshape(n, -1))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -88,12 +105,12 @@ class CrossAttentionBlock(nn.Module):
 
     def __init__(self, cfg: CoCaDecoderConfig, layer: int) -> None:
         super().__init__()
-        self.heads, self.layer = cfg.heads, layer
+        self.heads, self.head_dim, self.layer = cfg.heads, cfg.head_dim, layer
         self.ln_1 = nn.LayerNorm(cfg.width)
         self.ln_1_kv = nn.LayerNorm(cfg.width)
-        self.q = nn.Linear(cfg.width, cfg.width)
-        self.kv = nn.Linear(cfg.width, 2 * cfg.width)
-        self.out = nn.Linear(cfg.width, cfg.width)
+        self.q = nn.Linear(cfg.width, cfg.attention_width)
+        self.kv = nn.Linear(cfg.width, 2 * cfg.attention_width)
+        self.out = nn.Linear(cfg.attention_width, cfg.width)
         self.ln_2 = nn.LayerNorm(cfg.width)
         self.mlp = MLP(cfg)
 
@@ -101,14 +118,14 @@ class CrossAttentionBlock(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, N, W] visual tokens -> K, V [B, heads, N, head_dim], each contiguous (`head_major`;
         written into `out` when given)."""
-        k, v = head_major(lambda x: self.kv(self.ln_1_kv(x)), image_tokens, self.heads,
-                          image_tokens.shape[-1] // self.heads, parts=2, out=out)
+        k, v = head_major(lambda x: self.kv(self.ln_1_kv(x)), image_tokens, self.heads, self.head_dim,
+                          parts=2, out=out)
         return k, v
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        n, w = x.shape
-        q = self.q(self.ln_1(x)).view(n, self.heads, w // self.heads)
-        x = x + self.out(batch.cross_attention(self.layer, q).reshape(n, w))
+        n = x.shape[0]
+        q = self.q(self.ln_1(x)).view(n, self.heads, self.head_dim)
+        x = x + self.out(batch.cross_attention(self.layer, q).reshape(n, -1))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -129,12 +146,12 @@ class CoCaDecoder(nn.Module):
     @property
     def kv_shape(self) -> KVShape:
         return KVShape(layers=self.cfg.text_layers + self.cfg.multimodal_layers, kv_heads=self.cfg.heads,
-                       head_dim=self.cfg.width // self.cfg.heads)
+                       head_dim=self.cfg.head_dim)
 
     @property
     def cross_kv_shape(self) -> KVShape:
         return KVShape(layers=self.cfg.multimodal_layers, kv_heads=self.cfg.heads,
-                       head_dim=self.cfg.width // self.cfg.heads)
+                       head_dim=self.cfg.head_dim)
 
     @property
     def context_length(self) -> int:

@@ -60,9 +60,11 @@ class MllamaDecoderConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
     tie_word_embeddings: bool = False
+    # Structured pruning (llm/quant/prune.py) keeps fewer heads of the same size: 0 = hidden_size // num_heads.
+    head_width: int = 0
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+        if (not self.head_width and self.hidden_size % self.num_heads) or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must divide into num_heads heads, and those into num_kv_heads groups")
         if any(not 0 <= i < self.num_layers for i in self.cross_attention_layers):
             raise ValueError(f"cross_attention_layers {self.cross_attention_layers} outside 0..{self.num_layers - 1}")
@@ -71,7 +73,7 @@ class MllamaDecoderConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_width or self.hidden_size // self.num_heads
 
     @classmethod
     def from_hf(cls, config: dict, max_context: int | None = None) -> "MllamaDecoderConfig":

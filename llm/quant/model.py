@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,11 +130,17 @@ def _input_stats(model: nn.Module, linears: dict[str, nn.Linear],
     return stats
 
 
+def _no_progress(items: Iterable, **_) -> Iterable:
+    return items
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: QuantScheme, skip: tuple[str, ...] = DEFAULT_SKIP,
-                   calibration: list[CalibrationBatch] | None = None) -> nn.Module:
+                   calibration: list[CalibrationBatch] | None = None,
+                   progress: Callable[..., Iterable] = _no_progress) -> nn.Module:
     """In place: every nn.Linear not matched by a `skip` pattern becomes quantized, everything else bf16.
-    -> the model (eval mode). Every layer is checked against the scheme before any work."""
+    -> the model (eval mode). Every layer is checked against the scheme before any work. `progress`:
+    wraps the loop over layers or blocks (tqdm's signature: `desc`, `unit`)."""
     linears = _linears(model, tuple(skip))
     if not linears:
         raise ValueError("no nn.Linear left to quantize (every one skipped?)")
@@ -142,16 +149,21 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, skip: tuple[str, ...] 
     if scheme.needs_calibration and not calibration:
         raise ValueError(f"quantization method {scheme.method!r} needs calibration batches")
     if not scheme.needs_calibration:
-        for name, m in linears.items():
+        for name, m in progress(linears.items(), desc=f"quantizing ({scheme.name})", unit="layer"):
             _set(model, name, quantize_linear(m, scheme))
     else:
-        for names in _blocks_in_running_order(model, linears, calibration):
+        blocks = _blocks_in_running_order(model, linears, calibration)
+        for names in progress(blocks, desc=f"quantizing ({scheme.name})", unit="block"):
             stats = _input_stats(model, {n: linears[n] for n in names}, calibration)
             for name in names:  # a layer that never ran has H = 0: GPTQ rounds it to nearest
                 _set(model, name, quantize_linear(linears[name], scheme, stats[name]))
     model.to(COMPUTE_DTYPE)
     _lay_out_kernels(model)
     return model.eval()
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
 
 
 def _lay_out_kernels(model: nn.Module) -> None:

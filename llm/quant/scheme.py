@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 WEIGHT_TYPES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "gptq")  # round-to-nearest; GPTQ (Frantar et al. 2022), which needs calibration inputs
+DEFAULT_INT4_GROUP_SIZE = 64  # `int4` alone: between g32's quality and g128's speed (bench/RESULTS.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,18 @@ class QuantScheme:
             hint = f"use group_size {' or '.join(map(str, divisors))}" if divisors else "skip it"
             raise ValueError(f"group size {self.group_size} does not divide in_features {in_features} of "
                              f"layer {name!r}: {hint}")
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantScheme":
+        """A setting's short form, round-to-nearest: "int8", "int4" (group DEFAULT_INT4_GROUP_SIZE) or
+        "int4-g32" / "int4-g64" / "int4-g128"."""
+        weights, sep, group = text.strip().partition("-g")
+        if sep and not group.isdigit():
+            raise ValueError(f"quantize must be int8, int4 or int4-gN (N one of "
+                             f"{', '.join(map(str, INT4_GROUP_SIZES))}); got {text!r}")
+        if weights == "int4":
+            return cls("int4", int(group) if sep else DEFAULT_INT4_GROUP_SIZE)
+        return cls(weights, int(group) if sep else None)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -35,6 +35,7 @@ class PreprocessConfig(Protocol):
 class ImageEncoder(Protocol):
     name: str
     weights_digest: str  # names the weights in every feature-cache key
+    dtype: torch.dtype  # what it computes in: features differ by dtype, so the feature-cache key names it too
     preprocess_cfg: PreprocessConfig
     # May the stage reduce the tokens (pool, merge, keep)? False when a decoder addresses them by
     # position (Mllama's tiles).
@@ -43,3 +44,11 @@ class ImageEncoder(Protocol):
     saliency_query: torch.Tensor | None  # a query in the tokens' space for "keep"; None: rank by norm
 
     def encode(self, images: list[Image.Image]) -> list[ImageFeatures]: ...
+
+
+@runtime_checkable
+class CastableEncoder(Protocol):
+    """An encoder that can run in another dtype (a served model's bfloat16 entry): `cast` returns a copy
+    whose `name` names the dtype, so its features never share a cache key with the fp32 ones."""
+
+    def cast(self, dtype: torch.dtype) -> ImageEncoder: ...

@@ -17,6 +17,7 @@ its settings are `preprocess_cfg`, part of the feature-cache key with `name` and
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import asdict, dataclass
 
@@ -89,6 +90,7 @@ class MllamaVisionEncoder:
             raise ValueError(f"vision model has {vision_model.config.max_num_tiles} tiles, the preprocessor "
                              f"{preprocess_cfg.max_image_tiles}")
         self.vision_model, self.projector = vision_model.eval(), projector.eval()
+        self.dtype = projector.weight.dtype
         self.preprocess_cfg = preprocess_cfg
         self.processor = preprocess_cfg.image_processor()
         self.name = name
@@ -119,6 +121,14 @@ class MllamaVisionEncoder:
         projector.load_state_dict({"weight": weight, "bias": state["multi_modal_projector.bias"]}, strict=True)
         return cls(vision_model, projector, MllamaPreprocessCfg.from_dict(preprocess), name, weights_digest(state))
 
+    def to(self, dtype: torch.dtype) -> "MllamaVisionEncoder":
+        """This encoder computing in `dtype` (weights and activations): itself when it already does,
+        else a converted copy."""
+        if dtype == self.dtype:
+            return self
+        return MllamaVisionEncoder(copy.deepcopy(self.vision_model).to(dtype), copy.deepcopy(self.projector).to(dtype),
+                                   self.preprocess_cfg, self.name, self.weights_digest)
+
     def preprocess(self, images: list[Image.Image]) -> dict:
         """-> pixel_values [B, 1, max_tiles, 3, tile, tile], aspect_ratio_ids [B, 1], aspect_ratio_mask
         [B, 1, max_tiles], num_tiles [[n] per image], one image per row."""
@@ -127,7 +137,7 @@ class MllamaVisionEncoder:
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                       aspect_ratio_mask: torch.Tensor, num_tiles: list[list[int]]) -> list[ImageFeatures]:
-        states = self.vision_model(pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
+        states = self.vision_model(pixel_values=pixel_values.to(self.dtype), aspect_ratio_ids=aspect_ratio_ids,
                                    aspect_ratio_mask=aspect_ratio_mask).last_hidden_state
         projected = self.projector(states)  # [B, 1, max_tiles, patches, text_hidden]
         features = []

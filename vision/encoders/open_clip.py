@@ -44,12 +44,13 @@ class VisionEncoder:
         self.weights_digest = weights_digest
         self.token_grid = tower_grid(visual)
         self.saliency_query = tower_saliency_query(visual)
+        weight = next(visual.parameters(), None)
+        self.dtype = weight.dtype if weight is not None else torch.float32
 
     @torch.inference_mode()
     def encode(self, images: list[Image.Image]) -> list[ImageFeatures]:
         if not images:
             return []
         pixels = preprocess(images, self.preprocess_cfg)
-        weight = next(self.visual.parameters(), None)
-        pooled, tokens = self.visual(pixels if weight is None else pixels.to(weight.dtype))
+        pooled, tokens = self.visual(pixels.to(self.dtype))
         return [ImageFeatures(p, t) for p, t in zip(pooled, tokens)]

@@ -11,7 +11,7 @@ Both have contrastive towers: embeddings and zero-shot labels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import open_clip
@@ -26,9 +26,10 @@ from llm.generate import generate_greedy
 from llm.params import SamplingParams
 from llm.loading.chat_format import CAPTION_QUESTION, CaptionOnlyFormat, ChatFormat, Turn
 from llm.loading.coca_checkpoint import CoCaCheckpoint, ModelDirError, ModelSpec, is_coca_dir, read_coca_dir
+from llm.loading.decoder_checkpoint import DecoderRecord, configured, load_decoder, read_record
 from llm.loading.tokenizers import CoCaTokenizer
-from llm.models.coca import CoCaDecoder, decoder_from_open_clip
-from llm.packed_linear import pack_linears
+from llm.models.coca import CoCaDecoder, CoCaDecoderConfig, decoder_from_open_clip
+from llm.packed_linear import dense_copy, pack_linears
 from vision.encoders.base import ImageFeatures
 from vision.encoders.open_clip import VisionEncoder
 from vision.preprocess import PreprocessCfg
@@ -53,14 +54,31 @@ class LoadedCoCa:
     model: open_clip.CoCa  # eval mode, fp32
     tokenizer: CoCaTokenizer
     weights_digest: str
+    path: Path | None = None
+    # A compressed decoder (llm/loading/decoder_checkpoint.py): the directory holds it apart, and
+    # open_clip's own multimodal decoder (`text_decoder.*`) is left out of model.safetensors.
+    record: DecoderRecord | None = None
+
+    def decoder(self) -> CoCaDecoder:
+        """Our decoder: the compressed one the record names, else built from open_clip's weights."""
+        if self.record is None:
+            return decoder_from_open_clip(self.spec.coca, self.model.state_dict())
+        cfg = configured(CoCaDecoderConfig.from_coca_kwargs(self.spec.coca), self.record)
+        with torch.device("meta"):
+            empty = CoCaDecoder(cfg)
+        return load_decoder(empty, self.path, self.record)
 
 
 def load_coca(path: str | Path) -> LoadedCoCa:
     """The whole open_clip model of a CoCa checkpoint directory (training, evaluation, serving)."""
     ckpt: CoCaCheckpoint = read_coca_dir(path)
     model = build_coca(ckpt.spec)
-    model.load_state_dict(ckpt.state, strict=True)
-    return LoadedCoCa(ckpt.spec, model.eval(), ckpt.tokenizer, ckpt.weights_digest)
+    record = read_record(ckpt.spec.extra, f"{path}/config.json")
+    missing, unexpected = model.load_state_dict(ckpt.state, strict=record is None)
+    if record is not None and (unexpected or any(not k.startswith("text_decoder.") for k in missing)):
+        raise ModelDirError(f"{path}/model.safetensors does not fit its config: missing "
+                            f"{[k for k in missing if not k.startswith('text_decoder.')][:3]}, unexpected {unexpected[:3]}")
+    return LoadedCoCa(ckpt.spec, model.eval(), ckpt.tokenizer, ckpt.weights_digest, Path(path), record)
 
 
 @dataclass(frozen=True)
@@ -93,16 +111,19 @@ class CoCaTextTower:
 class CoCaModel:
     family = FAMILY
 
-    def __init__(self, loaded: LoadedCoCa) -> None:
-        self.loaded = loaded
+    def __init__(self, loaded: LoadedCoCa, dtype: torch.dtype = torch.float32) -> None:
+        """`dtype`: the decoder's and the vision tower's; the text tower (label and prompt latents, a
+        few calls per label set) stays fp32."""
+        self.loaded, self.dtype = loaded, dtype
         spec = loaded.spec
+        loaded.model.visual.to(dtype)
         self.name = spec.name
         self.weights_digest = loaded.weights_digest
         self.tokenizer = loaded.tokenizer
         self.labels = tuple(spec.labels)
         self.encoder = VisionEncoder(loaded.model.visual, PreprocessCfg.from_dict(spec.preprocess), spec.name,
                                      loaded.weights_digest)
-        self.decoder: CoCaDecoder = decoder_from_open_clip(spec.coca, loaded.model.state_dict())
+        self.decoder: CoCaDecoder = loaded.decoder().to(dtype)
         # From here on the tower only infers (for the encoder and zero-shot alike): oneDNN-packed linears
         # and attention projections, after the decoder took its weights from the state dict.
         pack_linears(loaded.model.visual)
@@ -118,13 +139,21 @@ class CoCaModel:
         self._zero_shot: ZeroShot | None = None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "CoCaModel":
-        return cls(load_coca(path))
+    def from_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "CoCaModel":
+        return cls(load_coca(path), dtype)
 
     @classmethod
-    def load(cls, path: Path, max_context: int | None = None) -> "CoCaModel":
+    def load(cls, path: Path, max_context: int | None = None, dtype: torch.dtype = torch.float32) -> "CoCaModel":
         """(A CoCa context is the learned positional table's length: `max_context` does not apply.)"""
-        return cls.from_dir(path)
+        return cls.from_dir(path, dtype)
+
+    def with_dtype(self, dtype: torch.dtype) -> "CoCaModel":
+        if dtype == self.dtype:
+            return self
+        # the decoder's weights come from the open_clip model's state dict, which the packed linears of
+        # this one's tower no longer hold: from a dense copy, in fp32 for the text tower
+        model = dense_copy(self.loaded.model).float()
+        return CoCaModel(replace(self.loaded, model=model), dtype)
 
     @staticmethod
     def detect(path: Path) -> bool:

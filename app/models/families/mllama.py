@@ -15,8 +15,11 @@ BPE vocabulary.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+
+import torch
 
 from app.chat.conversation import Conversation, ImageRef, Message
 from app.chat.tools import JsonToolCalls
@@ -24,8 +27,10 @@ from app.models.capabilities import Capabilities
 from app.models.families.base import PromptError
 from llm.loading.chat_template import HFChatTokenizer
 from llm.loading.errors import ModelDirError
+from llm.loading.decoder_checkpoint import configured, load_decoder, read_record
 from llm.loading.hf import file_digest, generation_stop_ids, load_tensors, read_config, read_json, safetensors_files
-from llm.models.mllama import MllamaDecoder, mllama_from_hf_dir
+from llm.models.mllama import MllamaDecoder, MllamaDecoderConfig, mllama_from_hf_dir
+from llm.packed_linear import dense_copy
 from vision.encoders.mllama import VISION_PREFIXES, MllamaVisionEncoder
 
 FAMILY = "mllama"
@@ -38,8 +43,9 @@ class MllamaModel:
     labels: tuple[str, ...] = ()
     contrastive = None
 
-    def __init__(self, path: str | Path, max_context: int | None = None) -> None:
+    def __init__(self, path: str | Path, max_context: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         path = Path(path)
+        self.dtype = dtype
         config = read_config(path)
         if ARCHITECTURE not in config.get("architectures", []) and config.get("model_type") != "mllama":
             raise ModelDirError(f"{path / 'config.json'} is not a {ARCHITECTURE} checkpoint")
@@ -47,9 +53,9 @@ class MllamaModel:
         self.name = path.name
         self.tokenizer = HFChatTokenizer(path)
         self.weights_digest = file_digest(safetensors_files(path))
-        self.decoder: MllamaDecoder = mllama_from_hf_dir(path, max_context)
+        self.decoder: MllamaDecoder = self._load_decoder(path, config, max_context, dtype)
         self.encoder = MllamaVisionEncoder.from_state(config["vision_config"], load_tensors(path, VISION_PREFIXES),
-                                                      preprocess, self.name)
+                                                      preprocess, self.name).to(dtype)
         self.stop_ids = generation_stop_ids(path, config)
         image_token = self.decoder.cfg.image_token_id
         if self.tokenizer.token_id("<|image|>") not in (None, image_token):
@@ -61,9 +67,28 @@ class MllamaModel:
                                          embeddings=False, zero_shot=False,
                                          structured_output=self.vocabulary is not None, tools=True)
 
+    @staticmethod
+    def _load_decoder(path: Path, config: dict, max_context: int | None,
+                      dtype: torch.dtype) -> MllamaDecoder:
+        """transformers' language-model weights, or the compressed decoder config.json's record names
+        (`mmserve quantize`: llm/loading/decoder_checkpoint.py)."""
+        record = read_record(config, str(path / "config.json"))
+        if record is None:
+            return mllama_from_hf_dir(path, max_context, dtype)
+        with torch.device("meta"):
+            empty = MllamaDecoder(configured(MllamaDecoderConfig.from_hf(config, max_context), record))
+        return load_decoder(empty, path, record).to(dtype)
+
     @classmethod
-    def load(cls, path: Path, max_context: int | None = None) -> "MllamaModel":
-        return cls(path, max_context)
+    def load(cls, path: Path, max_context: int | None = None, dtype: torch.dtype = torch.float32) -> "MllamaModel":
+        return cls(path, max_context, dtype)
+
+    def with_dtype(self, dtype: torch.dtype) -> "MllamaModel":
+        if dtype == self.dtype:
+            return self
+        other = copy.copy(self)
+        other.dtype, other.decoder, other.encoder = dtype, dense_copy(self.decoder).to(dtype), self.encoder.to(dtype)
+        return other
 
     @staticmethod
     def detect(path: Path) -> bool:
