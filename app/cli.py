@@ -191,9 +191,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from demo.train import TrainCfg, train
 
-    result = train(TrainCfg(out=Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr,
-                            images=args.images, init=Path(args.init) if args.init else None,
-                            reduce_share=args.reduce_share, decoder_only=args.decoder_only))
+    try:
+        cfg = TrainCfg(out=Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr, images=args.images,
+                       init=Path(args.init) if args.init else None, reduce_share=args.reduce_share,
+                       decoder_only=args.decoder_only, freeze=tuple(p for p in args.freeze.split(",") if p),
+                       warmup=args.warmup, threads=args.threads, mixer_layers=args.mixer_layers)
+    except ValueError as e:
+        return _fail(str(e))
+    result = train(cfg)
     print(f"mmserve: trained in {result['minutes']:.1f} min; checkpoint in {result['out']}")
     return 0
 
@@ -359,17 +364,25 @@ def build_parser() -> argparse.ArgumentParser:
                                "and GPTQ statistics on")
     quantize.set_defaults(func=cmd_quantize)
 
-    train = sub.add_parser("train-demo", help="train the bundled demo model (about 50 minutes on 2 cores)")
+    train = sub.add_parser("train-demo", help="train the bundled demo model (README: the recipe)")
     train.add_argument("--out", default=str(BUNDLED_MODEL))
     train.add_argument("--steps", type=int, default=6000)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--warmup", type=int, default=200, help="linear warm-up steps before the cosine decay")
+    train.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a crowded machine)")
     train.add_argument("--images", type=int, default=48_000, help="pre-rendered training images")
     train.add_argument("--init", default=None, metavar="DIR", help="fine-tune this checkpoint")
     train.add_argument("--reduce-share", type=float, default=0.0,
                        help="share of batches trained on reduced visual tokens (1/2, 1/4, 1/8; keep and tome)")
     train.add_argument("--decoder-only", action="store_true",
                        help="train only the multimodal decoder (zero-shot towers unchanged)")
+    train.add_argument("--mixer-layers", type=int, default=None,
+                       help="transformer blocks over the vision tower's tokens (default: 1 from scratch, the "
+                            "checkpoint's own with --init; one that has fewer grows them, starting as the identity)")
+    train.add_argument("--freeze", default="", metavar="PARTS",
+                       help="comma-separated parts left as they are: cnn (the tower's conv stages, features "
+                            "computed once per image), text (the text tower)")
     train.set_defaults(func=cmd_train_demo)
     keys = sub.add_parser("keys", help="API keys in the key store (setting keys_db)").add_subparsers(
         dest="keys_command", required=True)

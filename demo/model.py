@@ -11,8 +11,12 @@ WIDTH = 128
 LABEL_PROMPT = "{label}"  # zero-shot prompts are the labels themselves, e.g. "a red circle"
 
 
-def demo_spec(vocab_size: int, extra: dict | None = None) -> ModelSpec:
-    tower = ConvTowerCfg(image_size=world.CANVAS, channels=(32, 64, 128, WIDTH), width=WIDTH, embed_dim=64)
+MIXER_LAYERS = 1  # one self-attention block over the 64 CNN tokens: binds each object's colour to its shape
+
+
+def demo_spec(vocab_size: int, extra: dict | None = None, mixer_layers: int = MIXER_LAYERS) -> ModelSpec:
+    tower = ConvTowerCfg(image_size=world.CANVAS, channels=(32, 64, 128, WIDTH), width=WIDTH, embed_dim=64,
+                         mixer_layers=mixer_layers)
     coca = {
         "embed_dim": tower.embed_dim,
         # open_clip builds this placeholder ViT; `build_coca` swaps in the CNN tower below.

@@ -5,6 +5,12 @@ Recipe (from the feasibility prototype in ../shared/README.md): open_clip CoCa w
 on the answer tokens only (open_clip's CoCaLoss would also score the question tokens) + a 12-way
 cross-entropy of the image latent against the text-tower latents of the 12 zero-shot labels (the
 standard contrastive loss is noisy here: a batch of 64 holds many duplicates of 12 labels).
+
+The tower has one mixer block (self-attention over its 64 tokens) so that the decoder can tell which
+colour belongs to which shape. With `init`, a checkpoint trained without one grows it (starting as the
+identity) and, with `freeze=("cnn", "text")`, learns it cheaply: the conv features of each pre-rendered
+image are computed once, and only the mixer, the tower's pooling head and the decoder train. The
+bundled checkpoint was made that way from the mixer-less one (README, "The demo model").
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from demo import world
-from demo.model import LABEL_PROMPT, demo_spec
+from demo.model import LABEL_PROMPT, MIXER_LAYERS, demo_spec
 from llm.loading.chat_format import ChatFormat, Turn
 from app.models.families.coca import build_coca, load_coca
 from llm.loading.coca_checkpoint import save_model_dir
@@ -34,6 +40,7 @@ MULTI_TURN_BATCHES = 0.2
 # Reduced-token batches (with `reduce_share`): the decoder learns to answer from 1/2, 1/4 and 1/8 of
 # its visual tokens as the vision stage's reductions make them, so `visual_tokens` costs little accuracy.
 REDUCTIONS = tuple((method, ratio) for method in ("keep", "tome") for ratio in (0.5, 0.25, 0.125))
+FREEZABLE = ("cnn", "text")
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,18 @@ class TrainCfg:
     init: Path | None = None  # fine-tune this checkpoint instead of starting from scratch
     reduce_share: float = 0.0  # share of batches whose visual tokens are reduced (see REDUCTIONS)
     decoder_only: bool = False  # train the multimodal decoder alone: the contrastive towers (zero-shot) stay as they are
+    # Transformer blocks over the tower's tokens; None: MIXER_LAYERS from scratch, the checkpoint's own
+    # with `init`. A checkpoint with fewer grows the missing blocks, starting as the identity.
+    mixer_layers: int | None = None
+    # Parts that stay as they are: "cnn" (the tower's conv stages: their features are computed once per
+    # pre-rendered image, ~2.4x cheaper steps) and "text" (the text tower and logit scale).
+    freeze: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mixer_layers is not None and self.mixer_layers < 0:
+            raise ValueError(f"mixer_layers must be >= 0, got {self.mixer_layers}")
+        if unknown := set(self.freeze) - set(FREEZABLE):
+            raise ValueError(f"freeze: unknown part(s) {sorted(unknown)}; choose from {', '.join(FREEZABLE)}")
 
 
 def sample_conversation(scene: world.Scene, rng: random.Random, n_turns: int) -> list[Turn]:
@@ -74,6 +93,14 @@ def _batch_tokens(convs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
+def _with_finetune(history: dict, run: dict) -> dict:
+    """The init checkpoint's training record with one more fine-tune: {base run..., "finetunes": [...]}
+    (records written before there could be several hold one under "finetune")."""
+    earlier = history.get("finetunes", [history["finetune"]] if "finetune" in history else [])
+    base = {k: v for k, v in history.items() if k not in ("finetune", "finetunes")}
+    return {**base, "finetunes": [*earlier, run]}
+
+
 def train(cfg: TrainCfg) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -81,12 +108,15 @@ def train(cfg: TrainCfg) -> dict:
     if cfg.init is not None:
         loaded = load_coca(cfg.init)
         tokenizer, model, history = loaded.tokenizer, loaded.model.train(), loaded.spec.extra.get("training", {})
+        if cfg.mixer_layers is not None and model.visual.cfg.mixer_layers < cfg.mixer_layers:
+            model.visual = model.visual.grow_mixer(cfg.mixer_layers).train()
     else:
         tokenizer = WordTokenizer.build(world.vocabulary())
-        model, history = build_coca(demo_spec(tokenizer.vocab_size)).train(), {}
+        model, history = build_coca(demo_spec(tokenizer.vocab_size, mixer_layers=MIXER_LAYERS if cfg.mixer_layers is None
+                                                  else cfg.mixer_layers)).train(), {}
+    mixer_layers = model.visual.cfg.mixer_layers
     fmt = ChatFormat(tokenizer)
-    spec = demo_spec(tokenizer.vocab_size)
-    pp = PreprocessCfg.from_dict(spec.preprocess)
+    pp = PreprocessCfg.from_dict(demo_spec(tokenizer.vocab_size, mixer_layers=mixer_layers).preprocess)
     grid = tuple(model.visual.grid_size)
     model.visual.to(memory_format=torch.channels_last)  # ~2x faster convolutions on CPU
 
@@ -98,9 +128,21 @@ def train(cfg: TrainCfg) -> dict:
     label_ids = torch.tensor([[tokenizer.sot_id, *tokenizer.encode(LABEL_PROMPT.format(label=l)), tokenizer.eot_id]
                               for l in world.LABELS])
 
-    if cfg.decoder_only:
-        for name, p in model.named_parameters():
+    frozen_prefixes = {"cnn": ("visual.stages.",), "text": ("text.", "logit_scale")}
+    for name, p in model.named_parameters():
+        if cfg.decoder_only:
             p.requires_grad_(name.startswith("text_decoder."))
+        elif name.startswith(tuple(prefix for part in cfg.freeze for prefix in frozen_prefixes[part])):
+            p.requires_grad_(False)
+    features = None
+    if "cnn" in cfg.freeze:  # eval-mode BatchNorm, as served: one forward per image, not one per draw
+        model.visual.stages.eval()
+        with torch.no_grad():
+            features = torch.cat([model.visual.stages(normalize_uint8(pixels[i:i + 256], pp)
+                                                      .contiguous(memory_format=torch.channels_last))
+                                  for i in range(0, cfg.images, 256)])
+    with torch.no_grad():  # a frozen text tower's label latents are constants
+        fixed_label_latents = model.encode_text(label_ids, normalize=True) if "text" in cfg.freeze else None
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in trained if not (p.ndim >= 2 and "embedding" not in n)]
@@ -117,28 +159,31 @@ def train(cfg: TrainCfg) -> dict:
     for step in bar:
         if cfg.decoder_only:
             model.visual.eval()  # frozen: BatchNorm statistics must not drift either
+        elif "cnn" in cfg.freeze:
+            model.visual.stages.eval()
         idx = [rng.randrange(cfg.images) for _ in range(cfg.batch_size)]
         multi_turn = rng.random() < MULTI_TURN_BATCHES
         convs = [fmt.encode(sample_conversation(scenes[i], rng, rng.choice((2, 3)) if multi_turn else 1))
                  for i in idx]
         text, answer_mask = _batch_tokens(convs, tokenizer.pad_id)
-        images = normalize_uint8(pixels[idx], pp).contiguous(memory_format=torch.channels_last)
-
+        if features is not None:
+            latent, tokens = model.visual.head(features[idx])
+        else:
+            latent, tokens = model.visual(normalize_uint8(pixels[idx], pp).contiguous(memory_format=torch.channels_last))
+        latent = F.normalize(latent, dim=-1)  # as CoCa._encode_image returns it
         if rng.random() < cfg.reduce_share:
             method, ratio = rng.choice(REDUCTIONS)
-            latent, tokens = model._encode_image(images)
             query = model.visual.pool_query.detach() if method == "keep" else None
             tokens = reduce(tokens, ReductionSpec(method, ratio), grid=grid, pooled=query)
-            out = model(images, text, image_latent=latent, image_embs=tokens)
-        else:
-            out = model(images, text)
+        out = model(None, text, image_latent=latent, image_embs=tokens)
         logits, labels = out["logits"], out["labels"]
         target_mask = answer_mask[:, 1:]
         caption_loss = F.cross_entropy(logits[target_mask], labels[target_mask])
 
         loss = 2.0 * caption_loss
         if not cfg.decoder_only:
-            label_latents = model.encode_text(label_ids, normalize=True)
+            label_latents = (fixed_label_latents if fixed_label_latents is not None
+                             else model.encode_text(label_ids, normalize=True))
             targets = torch.tensor([label_index.get(world.zero_shot_label(scenes[i]), -100) for i in idx])
             zs_logits = out["logit_scale"] * out["image_features"] @ label_latents.T
             loss = loss + F.cross_entropy(zs_logits, targets, ignore_index=-100)
@@ -155,8 +200,10 @@ def train(cfg: TrainCfg) -> dict:
 
     minutes = (time.monotonic() - start) / 60
     run = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "images": cfg.images,
-           "reduce_share": cfg.reduce_share, "decoder_only": cfg.decoder_only, "minutes": round(minutes, 1)}
-    record = {**history, "finetune": run} if cfg.init is not None else run
-    spec = demo_spec(tokenizer.vocab_size, extra={"training": record})
+           "reduce_share": cfg.reduce_share, "decoder_only": cfg.decoder_only, "mixer_layers": mixer_layers,
+           "freeze": list(cfg.freeze),
+           "minutes": round(minutes, 1)}
+    record = run if cfg.init is None else _with_finetune(history, run)
+    spec = demo_spec(tokenizer.vocab_size, extra={"training": record}, mixer_layers=mixer_layers)
     save_model_dir(cfg.out, spec, model.eval(), tokenizer)
     return {"minutes": minutes, "out": str(cfg.out)}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -57,24 +58,38 @@ def test_question_answers_exact_match(demo_runtime, eval_set):
     accuracy = sum(a == e for a, e in zip(answers, expected)) / len(expected)
     print(f"answers exact match: {accuracy:.3f} over {len(expected)} questions")
     assert accuracy >= 0.95
-    print("per family:", {k: round(v, 3) for k, v in family_accuracy(convs, answers, expected).items()})
+
+
+def family(question: str) -> str:
+    """The spec's template of a question, e.g. `what color is the {shape}?`."""
+    question = re.sub(rf"\b({'|'.join(iw.SHAPES)})\b", "{shape}", question)
+    return re.sub(rf"\b({'|'.join(iw.COLOURS)})\b", "{colour}", question)
 
 
 def family_accuracy(convs, answers, expected) -> dict[str, float]:
     by_family: dict[str, list[bool]] = {}
     for conv, a, e in zip(convs, answers, expected):
-        by_family.setdefault(" ".join(conv[0].question.split()[:2]), []).append(a == e)
+        by_family.setdefault(family(conv[0].question), []).append(a == e)
     return {k: sum(v) / len(v) for k, v in by_family.items()}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known defect of the bundled model: on two-object scenes it looks an "
-                   "object up by colour but not by shape ('what color is the {shape}?' ~78%, 'what size is "
-                   "the {shape}?' ~84%); a retrain with a token mixer is the fix (see vision/towers.py)")
-def test_every_question_family_holds_on_its_own(demo_runtime, eval_set):
-    """Yes/no questions are most of the pool: each family must hold on its own too, or a model that
-    cannot look an object up by its shape hides behind them."""
-    feats, convs, expected = single_questions(eval_set)
+BINDING_DEFECT = pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="known defect of the bundled model: on two-object scenes it "
+    "answers 'what color is the {shape}?' ~59-65% and 'what size is the {shape}?' ~71-75% right, naming the "
+    "other object's colour; growing a mixer block on it with frozen conv stages (train-demo --freeze cnn,text, "
+    "700 steps) did not change that: a from-scratch run with the mixer is the next try (issue 13, part 0)")
+
+
+@pytest.mark.parametrize("n_objects", [1, pytest.param(2, marks=BINDING_DEFECT)])
+def test_every_question_family_holds_on_its_own(demo_runtime, eval_set, n_objects):
+    """Yes/no questions are most of the pool, and one-object images most of the easy cases: each family
+    must hold on its own on each object count, or a model that cannot look an object up by its shape
+    among two hides behind them."""
+    scenes = [(scene, f) for scene, f in eval_set if len(scene.objects) == n_objects]
+    feats, convs, expected = single_questions(scenes)
     accuracy = family_accuracy(convs, answer_all(demo_runtime, feats, convs), expected)
+    print(f"per family, {n_objects}-object images:", {k: round(v, 3) for k, v in accuracy.items()})
+    assert len(scenes) >= 80 and len(accuracy) == 6  # DEMO_WORLD.md's six questions
     assert min(accuracy.values()) >= 0.90, accuracy
 
 
