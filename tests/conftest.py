@@ -30,7 +30,7 @@ def demo_runtime():
 # reference models (measured: each costs 40-130 s here). `pytest -q` (README command 2) leaves them out
 # to stay near six minutes; .ci/run runs them next, with `pytest -q -m slow`.
 SLOW_MODULES = frozenset({"test_cli", "test_batches_e2e", "test_bench_vision", "test_tenancy_e2e", "test_caption_dir",
-                          "test_batch_leases", "test_drain", "test_schemathesis"})
+                          "test_batch_leases", "test_drain", "test_schemathesis", "test_scale_parts"})
 SLOW_TESTS = frozenset({"test_compiled_decode_steps_match_transformers"})
 
 
