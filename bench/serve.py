@@ -196,7 +196,7 @@ def main() -> None:
         details["demo"] = demo
     if args.two_models:
         both = two_models(ckpt, dataset, requests=8, dtype=args.mmserve_dtype)
-        sections.append(("Two models served at once (mmserve)", table(both)))
+        sections.append(("Two models served at once (mmserve)", table(both, list(dict.fromkeys(k for r in both for k in r)))))
         details["two_models"] = both
     details.update(transformers=hf_rows, mmserve=ours)
     summary.update(quick=args.quick, seconds=round(time.perf_counter() - t0, 1))
