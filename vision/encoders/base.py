@@ -9,6 +9,7 @@ An encoder family states what the stage may do with its tokens (`reducible_token
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -52,3 +53,14 @@ class CastableEncoder(Protocol):
     whose `name` names the dtype, so its features never share a cache key with the fp32 ones."""
 
     def cast(self, dtype: torch.dtype) -> ImageEncoder: ...
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the vision tower and projector tensors, in name
+    order: the same weights give the same digest whatever the checkpoint's sharding."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -18,7 +18,6 @@ Reference: Xiao et al., "Florence-2: Advancing a Unified Representation for a Va
 
 from __future__ import annotations
 
-import hashlib
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from vision.encoders.base import ImageFeatures
+from vision.encoders.base import ImageFeatures, weights_digest
 
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 
@@ -49,15 +48,6 @@ class Florence2PreprocessCfg:
             raise ValueError(f"image processor {kind!r} is not supported for Florence-2 (CLIPImageProcessor)")
         settings = {k: v for k, v in self.settings.items() if k not in ("image_processor_type", "processor_class")}
         return CLIPImageProcessor(**settings)
-
-
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class Florence2VisionEncoder:

@@ -18,14 +18,13 @@ its settings are `preprocess_cfg`, part of the feature-cache key with `name` and
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image
 from torch import nn
 
-from vision.encoders.base import ImageFeatures
+from vision.encoders.base import ImageFeatures, weights_digest
 
 VISION_PREFIXES = ("vision_model.", "model.vision_model.", "multi_modal_projector.", "model.multi_modal_projector.")
 
@@ -64,17 +63,6 @@ class MllamaPreprocessCfg:
                                     max_image_tiles=self.max_image_tiles, image_mean=list(self.image_mean),
                                     image_std=list(self.image_std), rescale_factor=self.rescale_factor,
                                     resample=self.resample)
-
-
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of the vision tower and projector tensors, in name
-    order: the same weights give the same digest whatever the checkpoint's sharding."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class MllamaVisionEncoder:
